@@ -1,0 +1,203 @@
+"""Text -> token ids -> batches.
+
+Tiny Shakespeare is downloaded (and verified) when missing; any UTF-8 file works with --data_path. The text is
+split 90/10 by characters (as nanoGPT does), each part tokenized once and cached on disk. Training batches are
+built by index arithmetic over one token tensor; validation batches are fixed so runs can be compared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from config import Config, UserError
+from utils import Tokenizer, build_tokenizer
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_DATA_PATH = "data/tiny_shakespeare.txt"
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+CACHE_DIR = ROOT / "data" / "cache"
+
+
+def resolve_data_path(data_path: str) -> Path:
+    """Relative paths are tried from the working directory, then from the repo (so the default works anywhere)."""
+    path = Path(data_path)
+    if path.is_absolute() or path.exists():
+        return path
+    return ROOT / path if (ROOT / path).exists() or data_path == DEFAULT_DATA_PATH else path
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, rename: readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def download_tiny_shakespeare(path: Path) -> None:
+    print(f"downloading Tiny Shakespeare to {path} ...", flush=True)
+    try:
+        with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=30) as response:
+            payload = response.read()
+    except OSError as error:
+        raise UserError(
+            f"Tiny Shakespeare is not at {path} and could not be downloaded ({error}); "
+            f"put the char-rnn input.txt there or pass --data_path"
+        ) from None
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != TINY_SHAKESPEARE_SHA256:
+        raise UserError(f"downloaded Tiny Shakespeare has sha256 {digest}, expected {TINY_SHAKESPEARE_SHA256}; try again")
+    atomic_write_bytes(path, payload)
+
+
+def read_text(data_path: str) -> tuple[str, str]:
+    """The text of --data_path and its sha256; Tiny Shakespeare is fetched if it is the missing default."""
+    path = resolve_data_path(data_path)
+    if not path.exists():
+        if data_path != DEFAULT_DATA_PATH:
+            raise UserError(f"data file {data_path} does not exist; check --data_path")
+        download_tiny_shakespeare(path)
+    if path.is_dir():
+        raise UserError(f"--data_path {data_path} is a folder; give a UTF-8 text file")
+    payload = path.read_bytes()
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = payload[: error.start].count(b"\n") + 1
+        raise UserError(
+            f"{data_path} is not UTF-8: byte 0x{payload[error.start]:02x} at offset {error.start} (line {line}); "
+            "convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+    if not text.strip():
+        raise UserError(f"{data_path} is empty; give a text file with something to learn")
+    return text, hashlib.sha256(payload).hexdigest()
+
+
+def _tokenize_cached(tokenizer: Tokenizer, text: str, key: str) -> np.ndarray:
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    cache = CACHE_DIR / f"{key}.npy"
+    if cache.exists():
+        return np.load(cache)
+    ids = np.array(tokenizer.encode(text), dtype=dtype)
+    try:
+        with tempfile.NamedTemporaryFile(dir=CACHE_DIR, suffix=".npy", delete=False) as f:
+            np.save(f, ids)
+        os.replace(f.name, cache)
+    except OSError:
+        pass  # a read-only checkout just tokenizes every time
+    return ids
+
+
+def load_dataset(cfg: Config) -> tuple[Tokenizer, torch.Tensor, torch.Tensor]:
+    """(tokenizer, train ids, val ids): the first 1 - val_frac of the characters train, the rest validate."""
+    text, digest = read_text(cfg.data_path)
+    tokenizer = build_tokenizer(cfg.tokenizer, text)
+    split = int(len(text) * (1 - cfg.val_frac))
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    key = f"{digest[:16]}-{cfg.tokenizer}-{cfg.val_frac}"
+    train = torch.from_numpy(_tokenize_cached(tokenizer, text[:split], f"{key}-train").astype(np.int64))
+    val = torch.from_numpy(_tokenize_cached(tokenizer, text[split:], f"{key}-val").astype(np.int64))
+    for name, ids in (("training", train), ("validation", val)):
+        if len(ids) < cfg.context_len + 1:
+            raise UserError(
+                f"the {name} split of {cfg.data_path} has {len(ids)} tokens, fewer than context_len + 1 = "
+                f"{cfg.context_len + 1}; use a longer text or a smaller --context_len"
+            )
+    return tokenizer, train, val
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+def gather_windows(tokens: torch.Tensor, starts: torch.Tensor, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets (len(starts), context_len) in one indexing op: targets are inputs shifted by one."""
+    window = tokens[starts[:, None] + torch.arange(context_len + 1)]
+    return window[:, :-1], window[:, 1:]
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+class TrainBatches:
+    """Epochs over the training tokens: each epoch cuts them into non-overlapping windows at a random offset and
+    visits the windows in a random order, so an epoch is one pass over (almost) every token. The order depends
+    only on (seed, epoch), so (epoch, position) is the whole state of the iterator."""
+
+    def __init__(self, tokens: torch.Tensor, batch_size: int, context_len: int, seed: int, device: torch.device):
+        self.tokens, self.batch_size, self.context_len = tokens, batch_size, context_len
+        self.seed, self.device = seed, device
+        self.epoch, self.position = 0, 0
+        self.windows_per_epoch = (len(tokens) - 1 - (context_len - 1)) // context_len
+        if self.windows_per_epoch < batch_size:
+            raise UserError(
+                f"the training split holds {self.windows_per_epoch} windows of {context_len} tokens, fewer than "
+                f"--batch_size {batch_size}; use a smaller --batch_size or --context_len"
+            )
+        self._starts = self._epoch_starts()
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.windows_per_epoch // self.batch_size
+
+    def _epoch_starts(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        offset = int(torch.randint(self.context_len, (1,), generator=generator))
+        order = torch.randperm(self.windows_per_epoch, generator=generator)
+        return offset + order * self.context_len
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.position + self.batch_size > self.windows_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._starts = self._epoch_starts()
+        starts = self._starts[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        x, y = gather_windows(self.tokens, starts, self.context_len)
+        return to_device(x, self.device), to_device(y, self.device)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._starts = self._epoch_starts()
+
+
+def fixed_val_batches(
+    tokens: torch.Tensor, batch_size: int, context_len: int, num_batches: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same evenly spaced validation windows every time, so periodic val losses are comparable."""
+    starts = torch.linspace(0, len(tokens) - context_len - 1, batch_size * num_batches).long()
+    return [gather_windows(tokens, chunk, context_len) for chunk in starts.split(batch_size)]
+
+
+def full_val_batches(tokens: torch.Tensor, batch_size: int, context_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Windows covering every validation target exactly once (targets already covered are masked with -1)."""
+    n_targets = len(tokens) - 1
+    starts = list(range(0, n_targets - context_len + 1, context_len))
+    covered = starts[-1] + context_len
+    x, y = gather_windows(tokens, torch.tensor(starts), context_len)
+    if covered < n_targets:  # one last window flush with the end; only its new targets count
+        tail_x, tail_y = gather_windows(tokens, torch.tensor([n_targets - context_len]), context_len)
+        tail_y = tail_y.clone()  # a view sharing memory with tail_x
+        tail_y[:, : context_len - (n_targets - covered)] = -1
+        x, y = torch.cat((x, tail_x)), torch.cat((y, tail_y))
+    return list(zip(x.split(batch_size), y.split(batch_size), strict=True))

@@ -1,0 +1,270 @@
+"""The transformer: token ids in, logits out.
+
+Read top to bottom: attention (with the learned attention sink), MLP, block, the GPT itself, then the KV cache
+and `generate` for sampling. This file knows nothing of data, optimizers or logging.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from config import Config
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
+    """Matmuls are faster when the vocab is a multiple of 64; the extra ids get -inf logits."""
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention
+
+
+def rotary_tables(head_dim: int, max_len: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (max_len, head_dim // 2)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs (x[..., i], x[..., i + D/2]) of x (B, H, T, D) by position-dependent angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+def attention_with_sink(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
+    """Causal softmax attention whose denominator also holds exp(sink[h]), so weights may sum to less than one.
+
+    q is (B, H, Tq, D) and holds the last Tq positions of k, v (B, H, Tk, D): Tq == Tk (training, prefill)
+    or Tq == 1 (decoding with a KV cache). Without a sink this is plain causal SDPA.
+
+    The sink stays on SDPA's fused path as one extra key: with q' = [q, 1], k' = [k, 0] and a sink key
+    [0, sink / scale] whose value is 0, every query scores the sink key exactly `sink` and the sink adds
+    exp(sink) to the denominator and nothing to the numerator — the gpt-oss definition, exactly.
+    Fused kernels need q, k, v of one width, so v is padded too; on CUDA the width is rounded up to a multiple
+    of 8 for FlashAttention. The sink key sits at position 0, so in the (Tk+1)-long causal problem query i must
+    be at row i+1: a dummy query fills row 0 and its output is dropped.
+    """
+    tq, tk = q.size(-2), k.size(-2)
+    if sink is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=tq > 1)
+    b, h, _, d = q.shape
+    extra = 1 if q.device.type != "cuda" else 8 - d % 8
+    scale = d**-0.5
+
+    def widen(x: torch.Tensor, first: float) -> torch.Tensor:  # append [first, 0, 0, ...] to the head dim
+        tail = x.new_zeros(*x.shape[:-1], extra)
+        if first:
+            tail[..., 0] = first
+        return torch.cat((x, tail), dim=-1)
+
+    sink_key = torch.cat((q.new_zeros(b, h, 1, d), (sink.to(q.dtype) / scale).view(1, h, 1, 1).expand(b, h, 1, 1)), dim=-1)
+    sink_key = F.pad(sink_key, (0, extra - 1))
+    k_ext = torch.cat((sink_key, widen(k, 0.0)), dim=2)
+    v_ext = torch.cat((v.new_zeros(b, h, 1, d + extra), widen(v, 0.0)), dim=2)
+    q_ext = widen(q, 1.0)
+    if tq == 1:  # decoding: the one query sees every cached key, no mask needed
+        return F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=scale)[..., :d]
+    assert tq == tk, "multi-token queries must cover the whole key sequence"
+    q_ext = torch.cat((q_ext.new_zeros(b, h, 1, d + extra), q_ext), dim=2)
+    out = F.scaled_dot_product_attention(q_ext, k_ext, v_ext, is_causal=True, scale=scale)
+    return out[:, :, 1:, :d]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.embedding_dim, 3 * cfg.embedding_dim, bias=False)
+        self.proj = nn.Linear(cfg.embedding_dim, cfg.embedding_dim, bias=False)
+        self.q_norm = nn.RMSNorm(cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_dim) if cfg.qk_norm else None
+        self.sink = nn.Parameter(torch.zeros(cfg.num_heads)) if cfg.attn_sink else None
+        self.rotary = cfg.pos_emb == "rope"
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = attention_with_sink(q, k, v, self.sink)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.fc = nn.Linear(cfg.embedding_dim, 4 * cfg.embedding_dim, bias=False)
+        self.proj = nn.Linear(4 * cfg.embedding_dim, cfg.embedding_dim, bias=False)
+        self.relu2 = cfg.activation == "relu2"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        h = F.relu(h).square() if self.relu2 else F.gelu(h)
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.embedding_dim)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.embedding_dim)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, layer))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Config, vocab_size: int):
+        super().__init__()
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.padded_vocab = padded_vocab_size(vocab_size)
+        self.token_emb = nn.Embedding(self.padded_vocab, cfg.embedding_dim)
+        self.pos_emb = nn.Embedding(cfg.context_len, cfg.embedding_dim) if cfg.pos_emb == "learned" else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_blocks))
+        self.final_norm = nn.RMSNorm(cfg.embedding_dim)
+        self.lm_head = nn.Linear(cfg.embedding_dim, self.padded_vocab, bias=False)
+        cos, sin = rotary_tables(cfg.head_dim, cfg.context_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("vocab_mask", torch.arange(self.padded_vocab) >= vocab_size, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Unit-variance activations at any depth: fan-in init for input matrices, zero for every matrix that writes
+        into the residual stream (each block starts as the identity) and for the head (first loss = log(vocab))."""
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight") or name == "lm_head.weight" or name.endswith(".sink"):
+                nn.init.zeros_(p)
+            elif name.endswith("emb.weight"):
+                nn.init.normal_(p, std=1.0)
+            elif p.dim() == 2:
+                nn.init.normal_(p, std=p.size(1) ** -0.5)
+            else:
+                nn.init.ones_(p)  # norm gains
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, padded_vocab); padded ids get -inf so they are never predicted."""
+        b, t = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + t > self.cfg.context_len:
+            raise ValueError(f"sequence of {start + t} tokens is longer than context_len {self.cfg.context_len}")
+        x = self.token_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + t, device=idx.device))
+        x = self.dropout(x)
+        cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, layer)
+        if cache is not None:
+            cache.length += t
+        logits = self.lm_head(self.final_norm(x))
+        if self.cfg.logit_softcap:
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        return logits.masked_fill(self.vocab_mask, float("-inf"))
+
+    def num_params(self) -> dict[str, int]:
+        """Parameter counts: total, embeddings (token and learned positions), and the rest (head included)."""
+        total = sum(p.numel() for p in self.parameters())
+        embedding = self.token_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+        return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+class KVCache:
+    """Keys and values of every block for the tokens seen so far, so each new token costs one position."""
+
+    def __init__(self, cfg: Config, batch_size: int, device: torch.device, dtype: torch.dtype):
+        shape = (cfg.num_blocks, batch_size, cfg.num_heads, cfg.context_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # advanced by GPT.forward once every block has written
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Pick the next id from logits (B, V): greedy at temperature 0, else softmax after top-k / top-p filtering."""
+    logits = logits.float()
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
+    """Yield new token ids one at a time.
+
+    When the text outgrows context_len, the window restarts from its last context_len // 2 tokens and (with the
+    cache) is re-encoded: both paths see exactly the same window, so greedy output is the same with or without it.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    context_len = model.cfg.context_len
+    tokens = list(prompt) or [0]  # an empty prompt starts from id 0 (newline for char, '!' for gpt2)
+    start = max(0, len(tokens) - context_len)
+    cache, fed = None, start  # fed: tokens[start:fed] are already in the cache
+    for _ in range(max_new_tokens):
+        if len(tokens) - start > context_len:
+            start = len(tokens) - context_len // 2
+            cache, fed = None, start
+        if use_cache:
+            if cache is None:
+                cache = KVCache(model.cfg, 1, device, next(model.parameters()).dtype)
+            logits = model(torch.tensor([tokens[fed:]], device=device), cache)[:, -1]
+            fed = len(tokens)
+        else:
+            logits = model(torch.tensor([tokens[start:]], device=device))[:, -1]
+        next_id = int(sample_next(logits, temperature, top_k, top_p, generator))
+        tokens.append(next_id)
+        yield next_id

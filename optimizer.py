@@ -1,0 +1,131 @@
+"""Muon for the hidden matrices, AdamW for everything else, and the learning-rate schedule.
+
+Muon (Keller Jordan, 2024): SGD with Nesterov momentum whose update is replaced by the nearest semi-orthogonal
+matrix, found with a quintic Newton-Schulz iteration in bf16. We implement the variant of modded-nanogpt's
+record runs: momentum 0.95 with Nesterov, 5 Newton-Schulz steps with coefficients (3.4445, -4.7750, 2.0315),
+and updates scaled by sqrt(max(1, rows / cols)) so tall matrices move as much per element as square ones.
+It is the simplest variant that earns its speed-up at small scale, and its learning rate is independent of
+width. Same-shape matrices are orthogonalised together in one batched matmul chain (fewer, larger kernels).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from config import Config
+
+
+def newton_schulz(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately U V^T of update = U S V^T, for one matrix (m, n) or a stack (b, m, n).
+
+    The quintic iteration pushes every singular value into roughly [0.7, 1.2] in 5 steps; exact orthogonality
+    is not needed, speed is. Runs in bf16 (the iteration is robust to it) on the wider orientation.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = update.bfloat16()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.mT if tall else x).to(update.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum-orthogonalised SGD for 2-D weight matrices (see the module docstring)."""
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay))
+        for group in self.param_groups:
+            if any(p.dim() != 2 for p in group["params"]):
+                raise ValueError("Muon only takes 2-D matrices; give everything else to AdamW")
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            by_shape: dict[torch.Size, list[nn.Parameter]] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_shape[p.shape].append(p)
+            for shape, params in by_shape.items():
+                grads = [p.grad for p in params]
+                buffers = [self._momentum_buffer(p) for p in params]
+                torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])  # buf = m * buf + (1 - m) * g
+                if group["nesterov"]:
+                    updates = torch._foreach_lerp(grads, buffers, group["momentum"])  # g + m * (buf - g)
+                else:
+                    updates = buffers
+                orthogonal = newton_schulz(torch.stack(updates), group["ns_steps"])
+                if group["weight_decay"]:
+                    torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+                scale = math.sqrt(max(1.0, shape[0] / shape[1]))
+                torch._foreach_add_(params, list(orthogonal.unbind(0)), alpha=-group["lr"] * scale)
+
+    def _momentum_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        return state["momentum_buffer"]
+
+
+def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    """The matrices inside the blocks (attention and MLP) go to Muon; embeddings and the head stay on AdamW."""
+    return p.dim() == 2 and name.startswith("blocks.")
+
+
+def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimizer]:
+    """[Muon, AdamW] with --use_muon, else [AdamW]. Weight decay applies to matrices only, never norms or sinks."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for n, p in named if cfg.use_muon and is_hidden_matrix(n, p)]
+    hidden_ids = {id(p) for p in hidden}
+    rest = [(n, p) for n, p in named if id(p) not in hidden_ids]
+    decay = [p for n, p in rest if p.dim() == 2]
+    no_decay = [p for n, p in rest if p.dim() != 2]
+    device_type = next(model.parameters()).device.type
+    adamw = torch.optim.AdamW(
+        [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        eps=1e-10,
+        fused=device_type in ("cuda", "cpu"),
+    )
+    optimizers: list[torch.optim.Optimizer] = [adamw]
+    if hidden:
+        optimizers.insert(0, Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay))
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+
+def lr_multiplier(step: int, total_steps: int, cfg: Config, time_frac: float = 0.0) -> float:
+    """Linear warmup over warmup_steps, then the chosen decay down to min_lr_frac at the end of the run.
+
+    The run's progress is the larger of its step fraction and, with --time_budget_s, its time fraction, so a
+    time-limited run still finishes its decay.
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, max(progress, time_frac))
+    floor = cfg.min_lr_frac
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    if cfg.lr_schedule == "linear":
+        return 1.0 - (1.0 - floor) * progress
+    if cfg.lr_schedule == "wsd":
+        cooldown_progress = max(0.0, (progress - (1.0 - cfg.cooldown_frac)) / max(cfg.cooldown_frac, 1e-9))
+        return 1.0 - (1.0 - floor) * min(1.0, cooldown_progress)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], multiplier: float) -> None:
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier

@@ -1,0 +1,141 @@
+"""Small shared helpers: tokenizers, device and dtype choice, seeding, console formatting."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from config import UserError
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+class CharTokenizer:
+    """One id per distinct character of the text (sorted), as in nanoGPT's shakespeare_char."""
+
+    name = "char"
+
+    def __init__(self, chars: str):
+        self.chars = chars
+        self.vocab_size = len(chars)
+        self._ids = {c: i for i, c in enumerate(chars)}
+        self.start_id = self._ids.get("\n", 0)  # what an empty prompt starts from
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls("".join(sorted(set(text))))
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._ids[c] for c in text]
+        except KeyError:
+            unknown = sorted({c for c in text if c not in self._ids})
+            raise ValueError(
+                f"the char tokenizer never saw {''.join(unknown)!r} in its training text; remove those characters"
+            ) from None
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "chars": self.chars}
+
+
+class TiktokenTokenizer:
+    """gpt2 or o200k_base BPE through tiktoken (downloaded once into its cache; TIKTOKEN_CACHE_DIR for offline use)."""
+
+    def __init__(self, name: str):
+        import tiktoken
+
+        try:
+            self._enc = tiktoken.get_encoding(name)
+        except Exception as error:
+            raise UserError(
+                f"could not load the {name} tokenizer ({type(error).__name__}); offline? put its files in a folder "
+                "named as tiktoken caches them and set TIKTOKEN_CACHE_DIR to it (see README), or use --tokenizer char"
+            ) from None
+        self.name = name
+        self.vocab_size = self._enc.n_vocab
+        self.start_id = self._enc.eot_token  # <|endoftext|>: what an empty prompt starts from
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._enc.decode(ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+Tokenizer = CharTokenizer | TiktokenTokenizer
+
+
+def build_tokenizer(name: str, text: str | None = None) -> Tokenizer:
+    if name == "char":
+        if text is None:
+            raise ValueError("the char tokenizer is built from the training text")
+        return CharTokenizer.from_text(text)
+    return TiktokenTokenizer(name)
+
+
+def tokenizer_from_dict(values: dict[str, Any]) -> Tokenizer:
+    return CharTokenizer(values["chars"]) if values["name"] == "char" else TiktokenTokenizer(values["name"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device, dtype, seeds
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but this machine has no Apple GPU; use --device auto or --device cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype: bf16 on CUDA by default; fp32 elsewhere (CPU autocast is slower for small models)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Console formatting
+
+
+def human(n: float) -> str:
+    """12_345_678 -> '12.3M'."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
