@@ -90,7 +90,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / LATEST).exists():
         path = path / (path / LATEST).read_text().strip()
     if not (path / "model.safetensors").exists():
-        raise UserError(f"{path} is not a checkpoint (no model.safetensors); pass a step_* folder or a run folder with 'latest'")
+        raise UserError(
+            f"{path} is not a checkpoint (no model.safetensors); pass a step_* folder or a run folder with 'latest'"
+        )
     return path
 
 
@@ -105,7 +107,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         model.load_state_dict(load_file(folder / "model.safetensors"))
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"checkpoint {folder} is damaged or incomplete ({first_line}); use an earlier step_* folder") from None
+        raise UserError(
+            f"checkpoint {folder} is damaged or incomplete ({first_line}); use an earlier step_* folder"
+        ) from None
     return model.to(device), tokenizer_dict, state
 
 

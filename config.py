@@ -48,15 +48,21 @@ class Config:
     max_steps: int | None = _flag(1000, "optimizer steps to run; overrides --epochs (None = use --epochs)")
     warmup_steps: int = _flag(100, "linear learning-rate warmup steps")
     lr_schedule: str = _flag(
-        "cosine", "decay after warmup: cosine, linear, wsd (flat then linear), constant", ("cosine", "linear", "wsd", "constant")
+        "cosine",
+        "decay after warmup: cosine, linear, wsd (flat then linear), constant",
+        ("cosine", "linear", "wsd", "constant"),
     )
     min_lr_frac: float = _flag(0.1, "the decay ends at this fraction of the peak learning rate")
     cooldown_frac: float = _flag(0.4, "wsd only: fraction of the run spent decaying")
     time_budget_s: float | None = _flag(None, "stop after this many seconds of training, then run the final evaluation")
     seed: int = _flag(1337, "random seed (python, numpy, torch)")
     # data
-    data_path: str = _flag("data/tiny_shakespeare.txt", "UTF-8 text to train on (Tiny Shakespeare is downloaded if missing)")
-    tokenizer: str = _flag("gpt2", "gpt2, o200k_base (tiktoken) or char (characters of the text)", ("gpt2", "o200k_base", "char"))
+    data_path: str = _flag(
+        "data/tiny_shakespeare.txt", "UTF-8 text to train on (Tiny Shakespeare is downloaded if missing)"
+    )
+    tokenizer: str = _flag(
+        "gpt2", "gpt2, o200k_base (tiktoken) or char (characters of the text)", ("gpt2", "o200k_base", "char")
+    )
     val_frac: float = _flag(0.1, "fraction of the tokens held out for validation (the end of the text)")
     # evaluation and logging
     eval_every: int = _flag(100, "evaluate on the fixed validation batches every N steps (0 = only at the end)")
@@ -73,7 +79,9 @@ class Config:
     save_every: int | None = _flag(None, "also save every N steps (None = only at the end)")
     # system
     device: str = _flag("auto", "auto picks cuda, then mps, then cpu", ("auto", "cpu", "cuda", "mps"))
-    dtype: str = _flag("auto", "autocast dtype: auto = bfloat16 on CUDA, float32 elsewhere", ("auto", "float32", "bfloat16", "float16"))
+    dtype: str = _flag(
+        "auto", "autocast dtype: auto = bfloat16 on CUDA, float32 elsewhere", ("auto", "float32", "bfloat16", "float16")
+    )
     torch_compile: bool = _flag(True, "compile the model with torch.compile (falls back to eager if it fails)")
     preset: str | None = _flag(None, "a named set of defaults that explicit flags still override")
 
@@ -81,7 +89,15 @@ class Config:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("num_blocks", "num_heads", "embedding_dim", "context_len", "batch_size", "accumulation_steps", "epochs"):
+        for name in (
+            "num_blocks",
+            "num_heads",
+            "embedding_dim",
+            "context_len",
+            "batch_size",
+            "accumulation_steps",
+            "epochs",
+        ):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
         for name in ("lr", "muon_lr"):
@@ -94,7 +110,9 @@ class Config:
                 f"pick a head count that divides it (e.g. {_divisor_near(self.embedding_dim, self.num_heads)})"
             )
         if self.pos_emb == "rope" and (self.embedding_dim // self.num_heads) % 2:
-            raise UserError("rotary positions need an even head size (embedding_dim / num_heads); use --pos_emb learned")
+            raise UserError(
+                "rotary positions need an even head size (embedding_dim / num_heads); use --pos_emb learned"
+            )
         if self.max_steps is not None and self.max_steps <= 0:
             raise UserError(f"--max_steps must be a positive integer or None, got {self.max_steps}")
         for name in ("warmup_steps", "eval_every", "num_samples", "sample_tokens"):
@@ -107,7 +125,12 @@ class Config:
             raise UserError(f"--save_every must be a positive integer or None, got {self.save_every}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise UserError(f"--time_budget_s must be a positive number of seconds, got {self.time_budget_s}")
-        for name, low, high in (("val_frac", 0.0, 0.5), ("min_lr_frac", 0.0, 1.0), ("cooldown_frac", 0.0, 1.0), ("dropout", 0.0, 0.99)):
+        for name, low, high in (
+            ("val_frac", 0.0, 0.5),
+            ("min_lr_frac", 0.0, 1.0),
+            ("cooldown_frac", 0.0, 1.0),
+            ("dropout", 0.0, 0.99),
+        ):
             value = getattr(self, name)
             if not low <= value <= high:
                 raise UserError(f"--{name} must be between {low} and {high}, got {value}")
@@ -142,15 +165,41 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 PRESETS: dict[str, dict[str, Any]] = {
     # The README's first run: a character-level model that writes Shakespeare-like text in a few CPU minutes.
     "cpu": dict(
-        tokenizer="char", num_blocks=4, num_heads=4, embedding_dim=192, context_len=128, batch_size=16,
-        accumulation_steps=1, max_steps=1500, warmup_steps=50, lr=2e-3, muon_lr=0.03, eval_every=250,
-        eval_steps=20, log_every=50, torch_compile=False, sample_tokens=300,
+        tokenizer="char",
+        num_blocks=4,
+        num_heads=4,
+        embedding_dim=192,
+        context_len=128,
+        batch_size=16,
+        accumulation_steps=1,
+        max_steps=1500,
+        warmup_steps=50,
+        lr=2e-3,
+        muon_lr=0.03,
+        eval_every=250,
+        eval_steps=20,
+        log_every=50,
+        torch_compile=False,
+        sample_tokens=300,
     ),
     # nanoGPT's Shakespeare-char CPU recipe shape (its README): 4x4x128, context 64, batch 12, 2000 steps, no dropout.
     "nanogpt-cpu": dict(
-        tokenizer="char", num_blocks=4, num_heads=4, embedding_dim=128, context_len=64, batch_size=12,
-        accumulation_steps=1, max_steps=2000, warmup_steps=50, lr=2e-3, muon_lr=0.03, eval_every=250,
-        eval_steps=20, log_every=50, dropout=0.0, torch_compile=False,
+        tokenizer="char",
+        num_blocks=4,
+        num_heads=4,
+        embedding_dim=128,
+        context_len=64,
+        batch_size=12,
+        accumulation_steps=1,
+        max_steps=2000,
+        warmup_steps=50,
+        lr=2e-3,
+        muon_lr=0.03,
+        eval_every=250,
+        eval_steps=20,
+        log_every=50,
+        dropout=0.0,
+        torch_compile=False,
     ),
 }
 
@@ -177,7 +226,9 @@ def _parser_for(kind: Any, optional: bool):
         try:
             return base(text)
         except ValueError as error:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from error
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from error
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse

@@ -61,7 +61,9 @@ def download_tiny_shakespeare(path: Path) -> None:
         ) from None
     digest = hashlib.sha256(payload).hexdigest()
     if digest != TINY_SHAKESPEARE_SHA256:
-        raise UserError(f"downloaded Tiny Shakespeare has sha256 {digest}, expected {TINY_SHAKESPEARE_SHA256}; try again")
+        raise UserError(
+            f"downloaded Tiny Shakespeare has sha256 {digest}, expected {TINY_SHAKESPEARE_SHA256}; try again"
+        )
     atomic_write_bytes(path, payload)
 
 
@@ -189,7 +191,9 @@ def fixed_val_batches(
     return [gather_windows(tokens, chunk, context_len) for chunk in starts.split(batch_size)]
 
 
-def full_val_batches(tokens: torch.Tensor, batch_size: int, context_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def full_val_batches(
+    tokens: torch.Tensor, batch_size: int, context_len: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Windows covering every validation target exactly once (targets already covered are masked with -1)."""
     n_targets = len(tokens) - 1
     starts = list(range(0, n_targets - context_len + 1, context_len))

@@ -64,7 +64,9 @@ def attention_with_sink(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink:
             tail[..., 0] = first
         return torch.cat((x, tail), dim=-1)
 
-    sink_key = torch.cat((q.new_zeros(b, h, 1, d), (sink.to(q.dtype) / scale).view(1, h, 1, 1).expand(b, h, 1, 1)), dim=-1)
+    sink_key = torch.cat(
+        (q.new_zeros(b, h, 1, d), (sink.to(q.dtype) / scale).view(1, h, 1, 1).expand(b, h, 1, 1)), dim=-1
+    )
     sink_key = F.pad(sink_key, (0, extra - 1))
     k_ext = torch.cat((sink_key, widen(k, 0.0)), dim=2)
     v_ext = torch.cat((v.new_zeros(b, h, 1, d + extra), widen(v, 0.0)), dim=2)
@@ -88,7 +90,9 @@ class Attention(nn.Module):
         self.sink = nn.Parameter(torch.zeros(cfg.num_heads)) if cfg.attn_sink else None
         self.rotary = cfg.pos_emb == "rope"
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, layer: int
+    ) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.q_norm is not None:
@@ -125,7 +129,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, layer: int
+    ) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, layer))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 

@@ -40,8 +40,18 @@ def newton_schulz(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> to
 class Muon(torch.optim.Optimizer):
     """Momentum-orthogonalised SGD for 2-D weight matrices (see the module docstring)."""
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay))
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        weight_decay: float = 0.0,
+    ):
+        super().__init__(
+            params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay)
+        )
         for group in self.param_groups:
             if any(p.dim() != 2 for p in group["params"]):
                 raise ValueError("Muon only takes 2-D matrices; give everything else to AdamW")

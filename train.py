@@ -55,7 +55,10 @@ class LossFunction:
                 self(x, y).backward()
         except Exception as error:  # any compiler failure: training must go on
             message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            print(f"warning: torch.compile failed ({type(error).__name__}: {message[:160]}); training in eager mode", flush=True)
+            print(
+                f"warning: torch.compile failed ({type(error).__name__}: {message[:160]}); training in eager mode",
+                flush=True,
+            )
             self.fn, self.compiled = cross_entropy, False
         finally:
             self.model.zero_grad(set_to_none=True)
@@ -119,7 +122,10 @@ def start_wandb(cfg: Config, run_name: str, info: dict[str, Any]):
 
         load_dotenv()
         if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
-            print("warning: --wandb_enabled True but no WANDB_API_KEY (in .env or the environment); logging locally only", flush=True)
+            print(
+                "warning: --wandb_enabled True but no WANDB_API_KEY (in .env or the environment); logging locally only",
+                flush=True,
+            )
             return None
         import wandb
 
@@ -165,9 +171,7 @@ def train(cfg: Config) -> dict[str, Any]:
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     tokens_per_step = cfg.batch_size * cfg.context_len * cfg.accumulation_steps
     val_fixed = fixed_val_batches(val_ids, cfg.batch_size, cfg.context_len, cfg.eval_steps)
-    autocast = (
-        (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
-    )
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
     loss_fn = LossFunction(model, compile_it)
 
     params = model.num_params()
@@ -192,7 +196,9 @@ def train(cfg: Config) -> dict[str, Any]:
             f"tokenizer {cfg.tokenizer} ({tokenizer.vocab_size} ids)",
             "steps": f"{total_steps} x {tokens_per_step} tokens ({cfg.batch_size} x {cfg.context_len} x "
             f"{cfg.accumulation_steps} accumulation) = {total_steps * tokens_per_step / len(train_ids):.2f} epochs",
-            "optimizer": (f"Muon lr {cfg.muon_lr} (hidden matrices) + AdamW lr {cfg.lr}" if cfg.use_muon else f"AdamW lr {cfg.lr}")
+            "optimizer": (
+                f"Muon lr {cfg.muon_lr} (hidden matrices) + AdamW lr {cfg.lr}" if cfg.use_muon else f"AdamW lr {cfg.lr}"
+            )
             + f", {cfg.lr_schedule} schedule, warmup {cfg.warmup_steps}",
             "saving": str(save_dir) if cfg.save_model else "off (--save_model True to keep the weights)",
         },
@@ -227,7 +233,9 @@ def train(cfg: Config) -> dict[str, Any]:
         if is_log or is_eval:
             loss_value = loss_sum.item() / interval_steps  # .item() waits for the device: time only after it
             if not math.isfinite(loss_value):
-                raise UserError(f"the loss became non-finite by step {step}; lower --lr / --muon_lr or raise --warmup_steps")
+                raise UserError(
+                    f"the loss became non-finite by step {step}; lower --lr / --muon_lr or raise --warmup_steps"
+                )
             now = time.perf_counter()
             train_seconds += now - step_start
             step_ms = (now - interval_start) / interval_steps * 1000
@@ -275,7 +283,9 @@ def train(cfg: Config) -> dict[str, Any]:
         print(f"--- {cfg.num_samples} samples ---")
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         for i in range(cfg.num_samples):
-            ids = list(generate(unwrap(model), [tokenizer.start_id], cfg.sample_tokens, 0.8, 200, None, True, generator))
+            ids = list(
+                generate(unwrap(model), [tokenizer.start_id], cfg.sample_tokens, 0.8, 200, None, True, generator)
+            )
             samples.append(tokenizer.decode(ids))
             print(f"[sample {i + 1}]\n{samples[-1].strip()}\n", flush=True)
     recorder.close()

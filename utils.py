@@ -102,7 +102,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or --device cpu")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps was asked for but this machine has no Apple GPU; use --device auto or --device cpu")
+        raise UserError(
+            "--device mps was asked for but this machine has no Apple GPU; use --device auto or --device cpu"
+        )
     return torch.device(name)
 
 
