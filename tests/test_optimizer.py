@@ -1,0 +1,277 @@
+"""optimizer.py: Newton-Schulz, Muon, the Muon/AdamW split, gradient accumulation, the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import randomize, tiny_config
+
+import train
+from model import GPT
+from optimizer import Muon, build_optimizers, lr_multiplier, newton_schulz, set_lr
+
+
+def conditioned(m: int, n: int, generator: torch.Generator, smallest: float = 0.02) -> torch.Tensor:
+    """A random (m, n) matrix whose singular values are spread log-uniformly over [smallest, 1]."""
+    k = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=generator))
+    return (u * torch.logspace(0, math.log10(smallest), k)) @ v.T
+
+
+def singular_values(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(x.double())
+
+
+# Measured (5 seeds): well-conditioned inputs give singular values in [0.67, 1.15], mean 0.80-0.90; square Gaussian
+# matrices keep a few tiny input singular values small (the quintic cannot lift them in 5 steps).
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (128, 32), (32, 128), (96, 24)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_newton_schulz_singular_values_near_one(shape, seed):
+    x = conditioned(*shape, torch.Generator().manual_seed(seed))
+    y = newton_schulz(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    s = singular_values(y)
+    assert s.min() > 0.5 and s.max() < 1.3, s
+    assert 0.75 < s.mean() < 1.0
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (128, 32), (32, 128)])
+def test_newton_schulz_on_gaussian_matrices(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    s = singular_values(newton_schulz(x))
+    assert s.max() < 1.3
+    assert (s > 0.5).float().mean() >= 0.95
+    assert 0.75 < s.mean() < 1.0
+
+
+def test_newton_schulz_approximates_the_polar_factor():
+    """The output is U f(S) V^T with the input's singular vectors: close in direction to U V^T, not any orthogonal."""
+    x = torch.randn(48, 32, generator=torch.Generator().manual_seed(2))
+    u, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    polar = u @ vh
+    y = newton_schulz(x).double()
+    cosine = (y * polar).sum() / (y.norm() * polar.norm())
+    assert cosine > 0.98
+    gram = x.double().T @ y  # = V S f(S) V^T: symmetric, positive definite
+    torch.testing.assert_close(gram, gram.T, atol=0.05 * gram.abs().max().item(), rtol=0)
+    assert torch.linalg.eigvalsh((gram + gram.T) / 2).min() > 0
+
+
+def test_newton_schulz_is_scale_invariant():
+    x = conditioned(32, 48, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(newton_schulz(1000 * x), newton_schulz(x), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(6, 48, 48), (3, 96, 24), (4, 24, 96)])
+def test_batched_newton_schulz_equals_per_matrix(shape):
+    g = torch.Generator().manual_seed(4)
+    # matrices of very different scales: each must be normalised on its own
+    stack = torch.stack([conditioned(*shape[1:], g) * 10.0**i for i in range(shape[0])])
+    batched = newton_schulz(stack)
+    assert batched.shape == stack.shape
+    for i in range(shape[0]):
+        torch.testing.assert_close(batched[i], newton_schulz(stack[i]), atol=1e-2, rtol=0)
+        s = singular_values(batched[i])
+        assert s.min() > 0.5 and s.max() < 1.3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Muon
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (48, 16), (16, 48)])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_muon_first_step(shape, weight_decay):
+    """With a zero momentum buffer the Nesterov update is a multiple of the gradient, and NS ignores scale."""
+    g = torch.Generator().manual_seed(5)
+    p = torch.nn.Parameter(torch.randn(*shape, generator=g))
+    grad = torch.randn(*shape, generator=g)
+    before = p.detach().clone()
+    p.grad = grad.clone()
+    lr = 0.05
+    Muon([p], lr=lr, weight_decay=weight_decay).step()
+    scale = math.sqrt(max(1.0, shape[0] / shape[1]))
+    expected = before * (1 - lr * weight_decay) - lr * scale * newton_schulz(grad)
+    torch.testing.assert_close(p.detach(), expected, atol=2e-3, rtol=0)
+
+
+def test_muon_momentum_accumulates():
+    p = torch.nn.Parameter(torch.zeros(8, 8))
+    optimizer = Muon([p], lr=0.1)
+    grad = torch.randn(8, 8, generator=torch.Generator().manual_seed(6))
+    for _ in range(3):
+        p.grad = grad.clone()
+        optimizer.step()
+    buffer = optimizer.state[p]["momentum_buffer"]
+    torch.testing.assert_close(buffer, (1 - 0.95**3) * grad)
+
+
+def test_muon_refuses_non_matrices():
+    with pytest.raises(ValueError, match="2-D"):
+        Muon([torch.nn.Parameter(torch.zeros(4))])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameter partition
+
+
+def _partition(optimizers):
+    return [[p for group in o.param_groups for p in group["params"]] for o in optimizers]
+
+
+def test_muon_gets_block_matrices_adamw_the_rest():
+    cfg = tiny_config(pos_emb="learned", weight_decay=0.1)
+    model = GPT(cfg, 65)
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizers = build_optimizers(model, cfg)
+    assert [type(o) for o in optimizers] == [Muon, torch.optim.AdamW]
+    muon, adamw = _partition(optimizers)
+    every = muon + adamw
+    assert len(every) == len({id(p) for p in every}) == len(list(model.parameters()))  # each exactly once
+
+    muon_names = {names[id(p)] for p in muon}
+    adamw_names = {names[id(p)] for p in adamw}
+    assert muon_names == {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+    assert all(p.dim() == 2 for p in muon)
+    for name in ("token_emb.weight", "pos_emb.weight", "lm_head.weight", "final_norm.weight"):
+        assert name in adamw_names, name
+    for block in range(cfg.num_blocks):
+        for name in ("attn.sink", "attn_norm.weight", "mlp_norm.weight", "attn.q_norm.weight", "attn.k_norm.weight"):
+            assert f"blocks.{block}.{name}" in adamw_names
+        for name in ("attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight"):
+            assert f"blocks.{block}.{name}" in muon_names
+
+    decay, no_decay = optimizers[1].param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() != 2 for p in no_decay["params"])
+    assert optimizers[0].param_groups[0]["lr"] == cfg.muon_lr and decay["lr"] == cfg.lr
+
+
+def test_use_muon_false_gives_adamw_everything():
+    cfg = tiny_config(use_muon=False)
+    model = GPT(cfg, 65)
+    optimizers = build_optimizers(model, cfg)
+    assert [type(o) for o in optimizers] == [torch.optim.AdamW]
+    (params,) = _partition(optimizers)
+    assert {id(p) for p in params} == {id(p) for p in model.parameters()}
+    assert len(params) == len(list(model.parameters()))
+
+
+def test_set_lr_scales_from_the_initial_lr():
+    cfg = tiny_config()
+    optimizers = build_optimizers(GPT(cfg, 65), cfg)
+    set_lr(optimizers, 0.5)
+    set_lr(optimizers, 0.25)  # not compounding
+    assert optimizers[0].param_groups[0]["lr"] == pytest.approx(cfg.muon_lr * 0.25)
+    assert all(group["lr"] == pytest.approx(cfg.lr * 0.25) for group in optimizers[1].param_groups)
+
+
+def test_optimizers_reduce_the_loss():
+    cfg = tiny_config(lr=3e-3)
+    model = GPT(cfg, 65)
+    optimizers = build_optimizers(model, cfg)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(65, (4, cfg.context_len), generator=g)
+    y = (x * 7 + 3) % 65  # a learnable map
+    losses = []
+    for _ in range(30):
+        loss = train.cross_entropy(model, x, y)
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gradient accumulation
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_accumulated_micro_batches_equal_one_big_batch(pos_emb, dtype, tol):
+    cfg = tiny_config(pos_emb=pos_emb)
+    model = randomize(GPT(cfg, 65), seed=2).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(65, (16, cfg.context_len), generator=g)
+    y = torch.randint(65, (16, cfg.context_len), generator=g)
+    train.cross_entropy(model, x, y).backward()
+    big = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    for xb, yb in zip(x.chunk(4), y.chunk(4), strict=True):
+        (train.cross_entropy(model, xb, yb) / 4).backward()
+    for name, p in model.named_parameters():
+        assert big[name].abs().max() > 0, name
+        torch.testing.assert_close(p.grad, big[name], atol=tol, rtol=tol, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learning-rate schedule
+
+
+def _cfg(schedule="cosine", warmup=10, floor=0.1, cooldown=0.4):
+    return tiny_config(lr_schedule=schedule, warmup_steps=warmup, min_lr_frac=floor, cooldown_frac=cooldown)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd", "constant"])
+def test_warmup_is_linear_from_one_over_warmup_to_one(schedule):
+    cfg = _cfg(schedule, warmup=8)
+    values = [lr_multiplier(step, 100, cfg) for step in range(8)]
+    assert values == pytest.approx([(i + 1) / 8 for i in range(8)])
+    assert lr_multiplier(8, 100, cfg) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd"])
+@pytest.mark.parametrize("floor", [0.0, 0.1, 0.5])
+def test_decay_ends_at_min_lr_frac(schedule, floor):
+    cfg = _cfg(schedule, floor=floor)
+    total = 200
+    assert lr_multiplier(total, total, cfg) == pytest.approx(floor)
+    assert lr_multiplier(total + 50, total, cfg) == pytest.approx(floor)
+    values = [lr_multiplier(step, total, cfg) for step in range(cfg.warmup_steps, total + 1)]
+    assert all(b <= a + 1e-12 for a, b in zip(values, values[1:], strict=False))  # never rises after warmup
+    assert min(values) == pytest.approx(floor) and values[0] == pytest.approx(1.0)
+
+
+def test_schedule_shapes_at_the_midpoint():
+    total, warmup = 110, 10
+    middle = warmup + (total - warmup) // 2
+    assert lr_multiplier(middle, total, _cfg("cosine", floor=0.2)) == pytest.approx(0.2 + 0.8 * 0.5)
+    assert lr_multiplier(middle, total, _cfg("linear", floor=0.2)) == pytest.approx(1 - 0.8 * 0.5)
+    wsd = _cfg("wsd", floor=0.2, cooldown=0.4)
+    assert lr_multiplier(middle, total, wsd) == pytest.approx(1.0)  # still flat at 50%
+    assert lr_multiplier(warmup + 60, total, wsd) == pytest.approx(1.0)  # the cooldown starts at 60%
+    assert lr_multiplier(warmup + 80, total, wsd) == pytest.approx(1 - 0.8 * 0.5)  # halfway through the cooldown
+
+
+def test_constant_stays_one():
+    cfg = _cfg("constant")
+    assert all(lr_multiplier(step, 100, cfg) == 1.0 for step in range(10, 150))
+    assert lr_multiplier(50, 100, cfg, time_frac=1.0) == 1.0
+
+
+def test_no_warmup_starts_at_full_lr():
+    assert lr_multiplier(0, 100, _cfg("cosine", warmup=0)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd"])
+def test_time_fraction_pushes_progress(schedule):
+    cfg = _cfg(schedule, floor=0.1)
+    step, total = 20, 1000  # barely into the decay by steps
+    by_steps = lr_multiplier(step, total, cfg)
+    assert lr_multiplier(step, total, cfg, time_frac=1.0) == pytest.approx(0.1)
+    assert lr_multiplier(step, total, cfg, time_frac=2.0) == pytest.approx(0.1)
+    assert lr_multiplier(step, total, cfg, time_frac=0.9) < by_steps
+    assert lr_multiplier(step, total, cfg, time_frac=0.0) == by_steps
+    # the larger of step and time progress wins: a small time fraction does not undo step progress
+    late = lr_multiplier(900, total, cfg)
+    assert lr_multiplier(900, total, cfg, time_frac=0.1) == late
+    if schedule == "cosine":
+        assert lr_multiplier(step, total, cfg, time_frac=0.5) == pytest.approx(0.1 + 0.9 * 0.5)

@@ -1,0 +1,232 @@
+"""train.py end to end: records, checkpoints, time budget, run names, real Tiny Shakespeare, torch.compile."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+
+import pytest
+import torch
+from conftest import synthetic_text, tiny_config, write_text
+
+import train
+from checkpoint import LATEST, load_checkpoint
+from config import parse_args
+from data import full_val_batches, load_dataset
+from model import generate
+from utils import tokenizer_from_dict
+
+STEP_KEYS = {"step", "loss", "lr", "grad_norm", "step_ms", "tok_per_s", "elapsed_s"}
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_config(tmp_path, data_path, **overrides):
+    values = dict(
+        data_path=str(data_path),
+        runs_dir=str(tmp_path / "runs"),
+        save_model_dir=str(tmp_path / "models"),
+        embedding_dim=48,
+        context_len=32,
+        batch_size=8,
+        lr=3e-3,
+        muon_lr=0.03,
+        warmup_steps=5,
+        log_every=10,
+    )
+    values.update(overrides)
+    return tiny_config(**values)
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    """One short run shared by several tests: 60 steps, 2-way accumulation, evals, two checkpoints, samples."""
+    tmp_path = tmp_path_factory.mktemp("synthetic")
+    data_path = write_text(tmp_path / "text.txt", synthetic_text(30_000))
+    cfg = run_config(
+        tmp_path,
+        data_path,
+        run="synthetic",
+        max_steps=60,
+        accumulation_steps=2,
+        eval_every=20,
+        eval_steps=4,
+        save_model=True,
+        save_every=30,
+        num_samples=2,
+        sample_tokens=30,
+    )
+    summary = train.train(cfg)
+    return cfg, summary
+
+
+def test_run_writes_config_and_metrics(synthetic_run):
+    cfg, summary = synthetic_run
+    run_dir = cfg_runs(cfg) / "synthetic"
+    assert summary["run"] == "synthetic" and summary["run_dir"] == str(run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert {k: saved[k] for k in cfg.to_dict()} == cfg.to_dict()
+    assert saved["vocab_size"] == len(set(synthetic_text(30_000)))
+    assert saved["params"]["total"] > 0 and saved["device"] == "cpu" and saved["train_tokens"] > 0
+
+    records = read_metrics(run_dir)
+    steps, final = records[:-1], records[-1]
+    assert [r["step"] for r in steps] == [10, 20, 30, 40, 50, 60]
+    for record in steps:
+        assert STEP_KEYS <= set(record), record
+        assert all(math.isfinite(record[k]) for k in STEP_KEYS)
+        assert record["step_ms"] > 0 and record["tok_per_s"] > 0 and record["grad_norm"] > 0
+        assert ("val_loss" in record) == (record["step"] in (20, 40)), record  # eval steps, not the last one
+    assert [r["elapsed_s"] for r in steps] == sorted(r["elapsed_s"] for r in steps)
+    assert steps[0]["lr"] == pytest.approx(cfg.lr * 1.0)  # step 10 is past the 5 warmup steps, decay barely begun
+    assert steps[-1]["lr"] < steps[0]["lr"]
+    assert final["final"] is True and final["step"] == 60
+    assert final["val_loss"] == pytest.approx(summary["final_val_loss"], abs=1e-5)
+    assert summary["steps"] == 60 and summary["stopped_early"] is False
+
+
+def cfg_runs(cfg):
+    from pathlib import Path
+
+    return Path(cfg.runs_dir)
+
+
+def test_loss_decreases(synthetic_run):
+    cfg, summary = synthetic_run
+    records = read_metrics(cfg_runs(cfg) / "synthetic")
+    losses = [r["loss"] for r in records if "loss" in r]
+    vocab = json.loads((cfg_runs(cfg) / "synthetic" / "config.json").read_text())["vocab_size"]
+    assert losses[-1] < 0.6 * losses[0]
+    assert summary["final_val_loss"] < 0.6 * math.log(vocab)
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert vals[-1] < vals[0]
+    assert summary["best_val_loss"] == min(min(vals), summary["final_val_loss"])
+
+
+def test_checkpoint_reloads_to_the_trained_model(synthetic_run):
+    cfg, summary = synthetic_run
+    save_dir = cfg_runs(cfg).parent / "models" / "synthetic"
+    assert summary["checkpoint"] == str(save_dir / "step_000060")
+    assert (save_dir / LATEST).read_text().strip() == "step_000060"
+    assert (save_dir / "step_000030" / "model.safetensors").exists()
+
+    model, tokenizer_dict, state = load_checkpoint(save_dir)
+    assert state["step"] == 60 and state["run"] == "synthetic"
+    assert model.cfg == cfg
+    # the final evaluation, redone with the reloaded weights, gives the same number
+    _, _, val_ids = load_dataset(cfg)
+    loss_fn = train.LossFunction(model, compile_it=False)
+    val = train.evaluate(loss_fn, full_val_batches(val_ids, cfg.batch_size, cfg.context_len), contextlib.nullcontext, "cpu")
+    assert val == pytest.approx(summary["final_val_loss"], rel=1e-6)
+    # and the end-of-training samples come out again, token for token
+    tokenizer = tokenizer_from_dict(tokenizer_dict)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for sample in summary["samples"]:
+        ids = list(generate(model, [tokenizer.start_id], cfg.sample_tokens, 0.8, 200, None, True, generator))
+        assert tokenizer.decode(ids) == sample
+    # two reloads give identical logits; the mid-run checkpoint is a different model
+    idx = torch.randint(model.vocab_size, (2, cfg.context_len), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(idx), load_checkpoint(save_dir / "step_000060")[0](idx))
+        assert not torch.equal(model(idx), load_checkpoint(save_dir / "step_000030")[0](idx))
+
+
+def test_time_budget_stops_early(tmp_path):
+    data_path = write_text(tmp_path / "text.txt", synthetic_text(20_000))
+    cfg = run_config(tmp_path, data_path, run="budget", max_steps=100_000, time_budget_s=1.0, log_every=1000)
+    summary = train.train(cfg)
+    assert summary["stopped_early"] is True
+    assert 1 <= summary["steps"] < 100_000
+    assert 1.0 <= summary["train_seconds"] < 10.0
+    final = read_metrics(tmp_path / "runs" / "budget")[-1]
+    assert final["final"] is True and final["step"] == summary["steps"]
+
+
+def test_run_names_are_sanitized_and_unique(tmp_path):
+    data_path = write_text(tmp_path / "text.txt", synthetic_text(5_000))
+    cfg = run_config(tmp_path, data_path, run="a cool ablation", max_steps=2, save_model=True)
+    first = train.train(cfg)
+    second = train.train(cfg)
+    assert first["run"] == "a-cool-ablation" and second["run"] == "a-cool-ablation-2"
+    assert (tmp_path / "runs" / "a-cool-ablation" / "metrics.jsonl").exists()
+    assert (tmp_path / "runs" / "a-cool-ablation-2" / "metrics.jsonl").exists()
+    assert (tmp_path / "models" / "a-cool-ablation-2" / LATEST).exists()
+    saved = json.loads((tmp_path / "runs" / "a-cool-ablation-2" / "config.json").read_text())
+    assert saved["run"] == "a-cool-ablation-2"
+
+
+def test_main_runs_from_the_command_line(tmp_path, capsys):
+    data_path = write_text(tmp_path / "text.txt", synthetic_text(5_000))
+    argv = [
+        f"--data_path={data_path}",
+        "--tokenizer=char",
+        "--num_blocks=1",
+        "--num_heads=2",
+        "--embedding_dim=32",
+        "--context_len=16",
+        "--batch_size=4",
+        "--accumulation_steps=1",
+        "--max_steps=3",
+        "--torch_compile=False",
+        "--device=cpu",
+        "--num_samples=0",
+        f"--runs_dir={tmp_path / 'runs'}",
+        f"--save_model_dir={tmp_path / 'models'}",
+        "--run=cli",
+    ]
+    assert train.main(argv) == 0
+    assert "final val loss" in capsys.readouterr().out
+    assert read_metrics(tmp_path / "runs" / "cli")[-1]["final"] is True
+
+
+def test_main_reports_data_errors_in_one_line(tmp_path, capsys):
+    argv = [f"--data_path={tmp_path / 'missing.txt'}", "--tokenizer=char", f"--runs_dir={tmp_path / 'runs'}"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and "does not exist" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_seed_examples_parse():
+    cfg = parse_args(["--run", "a cool ablation", "--accumulation_steps", "4", "--save_model=True"])
+    assert (cfg.run, cfg.accumulation_steps, cfg.save_model) == ("a cool ablation", 4, True)
+    assert parse_args(["--torch_compile=False"]).torch_compile is False
+
+
+def test_tiny_shakespeare_char_learns(tmp_path, shakespeare_path):
+    cfg = run_config(
+        tmp_path,
+        shakespeare_path,
+        run="shakespeare",
+        embedding_dim=64,
+        context_len=32,
+        batch_size=16,
+        max_steps=100,
+        warmup_steps=10,
+        lr=2e-3,
+        eval_every=50,
+        eval_steps=4,
+        log_every=25,
+    )
+    summary = train.train(cfg)
+    assert summary["final_val_loss"] < 2.7 < math.log(65)
+    records = read_metrics(tmp_path / "runs" / "shakespeare")
+    assert records[0]["loss"] > records[-2]["loss"]
+
+
+@pytest.mark.compile
+def test_torch_compile_trains_like_eager(tmp_path, capsys):
+    data_path = write_text(tmp_path / "text.txt", synthetic_text(5_000))
+    common = dict(num_blocks=1, embedding_dim=32, context_len=16, batch_size=4, max_steps=3, log_every=1)
+    compiled = train.train(run_config(tmp_path, data_path, run="compiled", torch_compile=True, **common))
+    out = capsys.readouterr().out
+    assert "compiled in" in out and "torch.compile failed" not in out, out
+    eager = train.train(run_config(tmp_path, data_path, run="eager", torch_compile=False, **common))
+    compiled_losses = [r.get("loss") for r in read_metrics(tmp_path / "runs" / "compiled")]
+    eager_losses = [r.get("loss") for r in read_metrics(tmp_path / "runs" / "eager")]
+    assert len(compiled_losses) == 4
+    assert compiled_losses[:-1] == pytest.approx(eager_losses[:-1], rel=1e-3)
+    assert compiled["final_val_loss"] == pytest.approx(eager["final_val_loss"], rel=1e-3)
