@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from config import Config, UserError
@@ -105,7 +106,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         state = json.loads((folder / "state.json").read_text())
         model = GPT(cfg, state["vocab_size"])
         model.load_state_dict(load_file(folder / "model.safetensors"))
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(
             f"checkpoint {folder} is damaged or incomplete ({first_line}); use an earlier step_* folder"

@@ -123,7 +123,7 @@ def lr_multiplier(step: int, total_steps: int, cfg: Config, time_frac: float = 0
     """
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - 1 - cfg.warmup_steps)  # the last step sits at the floor
     progress = min(1.0, max(progress, time_frac))
     floor = cfg.min_lr_frac
     if cfg.lr_schedule == "constant":

@@ -163,6 +163,8 @@ def train(cfg: Config) -> dict[str, Any]:
         print("notice: torch.compile is off on MPS (not yet reliable there)")
         compile_it = False
 
+    if device.type == "cpu" and cfg.preset is None and cfg.embedding_dim * cfg.context_len >= 512 * 1024:
+        print("notice: these are the GPU-sized defaults and will be slow on a CPU; try --preset cpu", flush=True)
     tokenizer, train_ids, val_ids = load_dataset(cfg)
     model = GPT(cfg, tokenizer.vocab_size).to(device)
     optimizers = build_optimizers(model, cfg)

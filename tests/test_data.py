@@ -146,7 +146,7 @@ def test_tiny_shakespeare_gpt2_token_counts(shakespeare_path):
     text = shakespeare_path.read_text(encoding="utf-8")
     assert text.startswith(tokenizer.decode(train[:200].tolist()))
     assert text.endswith(tokenizer.decode(val[-200:].tolist()))
-    assert 0 <= int(train.min()) and int(train.max()) < 50257
+    assert int(train.min()) >= 0 and int(train.max()) < 50257
 
 
 def test_tiny_shakespeare_char_split(shakespeare_path):

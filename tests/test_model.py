@@ -95,7 +95,7 @@ def test_attention_with_sink_gradients_match_reference():
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v, sink)]
         (fn(*leaves) * cotangent).sum().backward()
         grads.append([t.grad for t in leaves])
-    for name, got, expected in zip("q k v sink".split(), *grads, strict=True):
+    for name, got, expected in zip(["q", "k", "v", "sink"], *grads, strict=True):
         assert expected.abs().max() > 0, name
         torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10, msg=name)
 

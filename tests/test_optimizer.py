@@ -233,6 +233,7 @@ def test_warmup_is_linear_from_one_over_warmup_to_one(schedule):
 def test_decay_ends_at_min_lr_frac(schedule, floor):
     cfg = _cfg(schedule, floor=floor)
     total = 200
+    assert lr_multiplier(total - 1, total, cfg) == pytest.approx(floor)  # the last step the loop runs (0-based)
     assert lr_multiplier(total, total, cfg) == pytest.approx(floor)
     assert lr_multiplier(total + 50, total, cfg) == pytest.approx(floor)
     values = [lr_multiplier(step, total, cfg) for step in range(cfg.warmup_steps, total + 1)]
@@ -241,8 +242,8 @@ def test_decay_ends_at_min_lr_frac(schedule, floor):
 
 
 def test_schedule_shapes_at_the_midpoint():
-    total, warmup = 110, 10
-    middle = warmup + (total - warmup) // 2
+    total, warmup = 111, 10  # decay steps 10..110: the last step (110) sits at the floor
+    middle = warmup + (total - 1 - warmup) // 2
     assert lr_multiplier(middle, total, _cfg("cosine", floor=0.2)) == pytest.approx(0.2 + 0.8 * 0.5)
     assert lr_multiplier(middle, total, _cfg("linear", floor=0.2)) == pytest.approx(1 - 0.8 * 0.5)
     wsd = _cfg("wsd", floor=0.2, cooldown=0.4)
