@@ -122,9 +122,8 @@ def test_checkpoint_reloads_to_the_trained_model(synthetic_run):
     assert model.cfg == cfg
     # the final evaluation, redone with the reloaded weights, gives the same number
     _, _, val_ids = load_dataset(cfg)
-    loss_fn = train.LossFunction(model, compile_it=False)
     val = train.evaluate(
-        loss_fn, full_val_batches(val_ids, cfg.batch_size, cfg.context_len), contextlib.nullcontext, torch.device("cpu")
+        model, full_val_batches(val_ids, cfg.batch_size, cfg.context_len), contextlib.nullcontext, torch.device("cpu")
     )
     assert val == pytest.approx(summary["final_val_loss"], rel=1e-6)
     # and the end-of-training samples come out again, token for token
