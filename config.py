@@ -83,6 +83,7 @@ class Config:
         "auto", "autocast dtype: auto = bfloat16 on CUDA, float32 elsewhere", ("auto", "float32", "bfloat16", "float16")
     )
     torch_compile: bool = _flag(True, "compile the model with torch.compile (falls back to eager if it fails)")
+    peak_flops: float | None = _flag(None, "peak FLOP/s of one device for MFU (default: GPU table or a CPU probe)")
     preset: str | None = _flag(None, "a named set of defaults that explicit flags still override")
 
     def __post_init__(self) -> None:
@@ -123,6 +124,8 @@ class Config:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
         if self.save_every is not None and self.save_every <= 0:
             raise UserError(f"--save_every must be a positive integer or None, got {self.save_every}")
+        if self.peak_flops is not None and not self.peak_flops > 0:
+            raise UserError(f"--peak_flops must be a positive number of FLOP/s (e.g. 989e12), got {self.peak_flops}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise UserError(f"--time_budget_s must be a positive number of seconds, got {self.time_budget_s}")
         for name, low, high in (

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 
 from checkpoint import save_checkpoint, unwrap
 from config import Config, UserError, parse_args
-from data import TrainBatches, fixed_val_batches, full_val_batches, load_dataset, to_device
+from data import CACHE_DIR, TrainBatches, fixed_val_batches, full_val_batches, load_dataset, to_device
 from model import GPT, generate
 from optimizer import build_optimizers, lr_multiplier, set_lr
-from utils import format_duration, human, resolve_device, resolve_dtype, seed_everything
+from utils import flops_per_token, format_duration, human, peak_flops, resolve_device, resolve_dtype, seed_everything
 
 
 def cross_entropy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -178,6 +178,10 @@ def train(cfg: Config) -> dict[str, Any]:
     loss_fn = LossFunction(model, compile_it)
 
     params = model.num_params()
+    step_flops = tokens_per_step * flops_per_token(
+        params["non_embedding"], cfg.num_blocks, cfg.num_heads, cfg.head_dim, cfg.context_len
+    )
+    peak, peak_source = peak_flops(device, dtype, cfg.peak_flops, CACHE_DIR)
     run_name = cfg.run or default_run_name()
     recorder = RunRecorder(
         cfg,
@@ -203,6 +207,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 f"Muon lr {cfg.muon_lr} (hidden matrices) + AdamW lr {cfg.lr}" if cfg.use_muon else f"AdamW lr {cfg.lr}"
             )
             + f", {cfg.lr_schedule} schedule, warmup {cfg.warmup_steps}",
+            "MFU peak": f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else f"n/a ({peak_source})",
             "saving": str(save_dir) if cfg.save_model else "off (--save_model True to keep the weights)",
         },
     )
@@ -250,6 +255,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 "grad_norm": round(float(grad_norm), 5),
                 "step_ms": round(step_ms, 2),
                 "tok_per_s": round(tokens_per_step / step_ms * 1000, 1),
+                "mfu": round(step_flops / (step_ms / 1000) / peak, 4) if peak else None,
                 "epoch": round(step * tokens_per_step / len(train_ids), 4),
                 "elapsed_s": round(train_seconds, 3),
             }
@@ -320,7 +326,8 @@ def format_line(record: dict[str, Any], total_steps: int) -> str:
     width = len(str(total_steps))
     line = (
         f"step {record['step']:>{width}}/{total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-        f"grad {record['grad_norm']:6.3f} | {record['step_ms']:7.1f} ms/step | {human(record['tok_per_s']):>6} tok/s"
+        f"grad {record['grad_norm']:6.3f} | {record['step_ms']:7.1f} ms/step | {human(record['tok_per_s']):>6} tok/s | "
+        + (f"MFU {100 * record['mfu']:4.1f}%" if record["mfu"] is not None else "MFU  n/a")
     )
     if "val_loss" in record:
         line += f" | val {record['val_loss']:.4f}"

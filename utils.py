@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
+import json
+import platform
 import random
+import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -139,5 +143,72 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+# ----------------------------------------------------------------------------------------------------------------
+# FLOPs and MFU
+
+# Dense (not 2:4-sparse) bf16/fp16 tensor-core peaks in FLOP/s, matched against the device name, most specific first.
+GPU_PEAK_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
+)
+
+
+def flops_per_token(non_embedding_params: int, num_blocks: int, num_heads: int, head_dim: int, context_len: int) -> int:
+    """Training FLOPs per token, PaLM appendix B: 6N for the matmuls (N = non-embedding parameters, which here
+    include the LM head) plus 12 L H Q T for attention scores and their weighted sum (forward and backward)."""
+    return 6 * non_embedding_params + 12 * num_blocks * num_heads * head_dim * context_len
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    return next((peak for key, peak in GPU_PEAK_FLOPS if key.lower() in device_name.lower()), None)
+
+
+def measure_cpu_peak_flops(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5) -> float:
+    """The achievable matmul FLOP/s of this CPU with the current thread count: a short probe."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm up
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+def cpu_peak_flops(dtype: torch.dtype, cache_dir: Path) -> float:
+    """measure_cpu_peak_flops, cached per CPU model, thread count and dtype (the probe takes about a second)."""
+    cpu = platform.processor() or platform.machine()
+    key = f"{cpu}|{torch.get_num_threads()} threads|{dtype}"
+    path = cache_dir / "cpu_peak_flops.json"
+    known = json.loads(path.read_text()) if path.exists() else {}
+    if key not in known:
+        known[key] = measure_cpu_peak_flops(dtype)
+        with contextlib.suppress(OSError):
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(known, indent=2) + "\n")
+    return known[key]
+
+
+def peak_flops(
+    device: torch.device, dtype: torch.dtype, override: float | None, cache_dir: Path
+) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device, how it was found): --peak_flops, the GPU table, a CPU probe, or None = 'n/a'."""
+    if override:
+        return override, "--peak_flops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = gpu_peak_flops(name)
+        return peak, f"{name} dense bf16 table" if peak else f"{name} not in the table (use --peak_flops)"
+    if device.type == "cpu":
+        return cpu_peak_flops(dtype, cache_dir), "measured CPU matmul peak"
+    return None, f"{device.type} peak unknown (use --peak_flops)"
