@@ -1,23 +1,27 @@
-"""Save and load checkpoints, atomically, in files that never execute code when read.
+"""Save, load and resume checkpoints, atomically, in files that never execute code when read.
 
 <save_model_dir>/<run>/
-    step_000500/  model.safetensors  config.json  tokenizer.json  state.json  optimizer.pt
+    step_000500/  model.safetensors  config.json  tokenizer.json  state.json  optimizer.pt  rng.pt
     latest        the name of the newest complete checkpoint folder
 
 A checkpoint folder is written under a temporary name, fsynced and renamed into place, and only then does
 `latest` move to it: a crash mid-write leaves the previous checkpoint and pointer intact. A checkpoint alone
-is enough to sample (weights, config, tokenizer) or resume (plus optimizer and loop state).
+is enough to sample (weights, config, tokenizer) or resume (plus optimizer state, RNG states and the loop's
+state in state.json). Checkpoints are written only between optimizer steps, so there is never a partial
+gradient-accumulation to save: a resumed run starts its next step at micro-batch 0, as the original did.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -26,6 +30,39 @@ from config import Config, UserError
 from model import GPT
 
 LATEST = "latest"
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP prefix every state_dict key
+
+# Resuming: these must equal the checkpoint's (the weights' shape, the tokens, the optimizer layout, the data order)
+MUST_MATCH = (
+    "num_blocks",
+    "num_heads",
+    "embedding_dim",
+    "context_len",
+    "pos_emb",
+    "activation",
+    "qk_norm",
+    "attn_sink",
+    "logit_softcap",
+    "tokenizer",
+    "val_frac",
+    "seed",
+    "use_muon",
+)
+# these may change, with a notice that the run no longer matches an uninterrupted one; every other flag (run length,
+# logging, evaluation, saving, device, dtype, compile) may change freely
+CHANGES_TRAINING = (
+    "lr",
+    "muon_lr",
+    "weight_decay",
+    "grad_clip",
+    "dropout",
+    "batch_size",
+    "accumulation_steps",
+    "warmup_steps",
+    "lr_schedule",
+    "min_lr_frac",
+    "cooldown_frac",
+)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -47,6 +84,10 @@ def unwrap(model: torch.nn.Module) -> GPT:
     return model
 
 
+def step_of(folder: Path) -> int:
+    return int(folder.name.removeprefix("step_"))
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -54,12 +95,15 @@ def save_checkpoint(
     tokenizer_dict: dict[str, Any],
     optimizers: list[torch.optim.Optimizer] | None = None,
     state: dict[str, Any] | None = None,
+    rng: dict[str, Any] | None = None,
+    keep: int | None = None,
 ) -> Path:
-    """Write step_<step>/ atomically and point `latest` at it; returns the checkpoint folder."""
+    """Write step_<step>/ atomically, point `latest` at it, keep the newest `keep` (None: all); returns the folder."""
     model = unwrap(model)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{final.name}.", suffix=".tmp"))
+    aside = run_dir / f".{final.name}.replaced.tmp"
     try:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(weights, tmp / "model.safetensors")
@@ -68,28 +112,52 @@ def save_checkpoint(
         _write_json(tmp / "state.json", {"step": step, "vocab_size": model.vocab_size, **(state or {})})
         if optimizers is not None:
             torch.save([o.state_dict() for o in optimizers], tmp / "optimizer.pt")
+        if rng is not None:
+            torch.save(rng, tmp / "rng.pt")
         for f in tmp.iterdir():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # the same step again: move the old one aside rather than delete what `latest` names
+            os.replace(final, aside)
         os.replace(tmp, final)
         _fsync_dir(run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     pointer = run_dir / f".{LATEST}.tmp"
-    pointer.write_text(final.name + "\n")
+    with open(pointer, "w") as handle:
+        handle.write(final.name + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(pointer, run_dir / LATEST)
     _fsync_dir(run_dir)
+    prune_checkpoints(run_dir, keep, final)
     return final
 
 
+def prune_checkpoints(run_dir: Path, keep: int | None, current: Path) -> None:
+    """Delete all but the newest `keep` step_* folders (never `current`) and the temp folders of crashed saves."""
+    doomed = [p for p in run_dir.glob(".step_*.tmp") if p.is_dir()]
+    if keep is not None:
+        folders = sorted((p for p in run_dir.glob("step_*") if p.name[5:].isdigit()), key=step_of)
+        for old in folders[:-keep]:
+            if old != current:
+                gone = run_dir / f".{old.name}.deleting.tmp"
+                os.replace(old, gone)  # vanish in one rename, so no half-deleted checkpoint is ever visible
+                doomed.append(gone)
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder whose `latest` names one."""
+    """A checkpoint folder, or a run folder whose `latest` names one (else its newest step_* folder)."""
     path = Path(path)
-    if (path / LATEST).exists():
+    if (path / LATEST).exists() and (path / (path / LATEST).read_text().strip()).is_dir():
         path = path / (path / LATEST).read_text().strip()
+    elif path.is_dir() and not (path / "model.safetensors").exists():
+        # `latest` missing or naming a vanished folder (a crash between two renames): the newest complete one
+        folders = sorted((p for p in path.glob("step_*") if p.name[5:].isdigit()), key=step_of)
+        path = folders[-1] if folders else path
     if not (path / "model.safetensors").exists():
         raise UserError(
             f"{path} is not a checkpoint (no model.safetensors); pass a step_* folder or a run folder with 'latest'"
@@ -97,24 +165,148 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def _damaged(folder: Path, error: BaseException) -> UserError:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return UserError(f"checkpoint {folder} is damaged or incomplete ({first_line[:200]}); use an earlier step_* folder")
+
+
+def read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(config dict, tokenizer dict, state dict): the JSON files of a checkpoint folder."""
+    try:
+        config, tokenizer, state = (
+            json.loads((folder / n).read_text()) for n in ("config.json", "tokenizer.json", "state.json")
+        )
+        missing = {"step", "vocab_size"} - set(state)
+        if missing:
+            raise ValueError(f"state.json lacks {', '.join(sorted(missing))}")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise _damaged(folder, error) from None
+    return config, tokenizer, state
+
+
+def load_weights(folder: Path, model: torch.nn.Module) -> None:
+    """The checkpoint's weights into `model`; keys saved with a torch.compile / DDP prefix load too."""
+    try:
+        weights = load_file(folder / "model.safetensors")
+        for prefix in WRAPPER_PREFIXES:
+            weights = {k.removeprefix(prefix): v for k, v in weights.items()}
+        unwrap(model).load_state_dict(weights)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise _damaged(folder, error) from None
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any], dict[str, Any]]:
     """(model, tokenizer dict, state dict) from a checkpoint or run folder; refuses damaged files in one line."""
     folder = resolve_checkpoint(path)
+    config, tokenizer_dict, state = read_checkpoint(folder)
     try:
-        cfg = Config.from_dict(json.loads((folder / "config.json").read_text()))
-        tokenizer_dict = json.loads((folder / "tokenizer.json").read_text())
-        state = json.loads((folder / "state.json").read_text())
-        model = GPT(cfg, state["vocab_size"])
-        model.load_state_dict(load_file(folder / "model.safetensors"))
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(
-            f"checkpoint {folder} is damaged or incomplete ({first_line}); use an earlier step_* folder"
-        ) from None
+        model = GPT(Config.from_dict(config), state["vocab_size"])
+    except (ValueError, TypeError) as error:
+        raise _damaged(folder, error) from None
+    load_weights(folder, model)
     return model.to(device), tokenizer_dict, state
 
 
 def load_optimizer_state(folder: Path, optimizers: list[torch.optim.Optimizer]) -> None:
-    states = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
-    for optimizer, optimizer_state in zip(optimizers, states, strict=True):
-        optimizer.load_state_dict(optimizer_state)
+    """Restore each optimizer's state (momenta, Adam moments, step counts); its hyperparameters stay as built, so a
+    resumed run may change --lr and friends."""
+    try:
+        states = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
+        for optimizer, optimizer_state in zip(optimizers, states, strict=True):
+            hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+            optimizer.load_state_dict(optimizer_state)
+            for group, values in zip(optimizer.param_groups, hyper, strict=True):
+                group.update(values)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {folder} has no optimizer.pt: it can be sampled from, not resumed") from None
+    except Exception as error:  # a damaged file fails in many ways (zip, pickle, shapes); all mean the same
+        raise _damaged(folder, error) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Random generators: plain tensors, lists and numbers, so torch.load(weights_only=True) reads them back
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every random generator training draws from: python, numpy, torch CPU and the training device's."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def load_rng_state(folder: Path) -> dict[str, Any]:
+    try:
+        return torch.load(folder / "rng.pt", weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {folder} has no rng.pt: it can be sampled from, not resumed") from None
+    except Exception as error:  # as in load_optimizer_state
+        raise _damaged(folder, error) from None
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Put back what rng_state saved; device generators only when this run uses that device."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# May this run resume that checkpoint?
+
+
+def compare_configs(folder: Path, saved: dict[str, Any], cfg: Config) -> list[str]:
+    """Raise on a MUST_MATCH difference (one line naming each); return the CHANGES_TRAINING differences."""
+    ours = cfg.to_dict()
+    differ = [name for name in MUST_MATCH if name in saved and saved[name] != ours[name]]
+    if differ:
+        what = "; ".join(f"checkpoint has --{n} {saved[n]}, this run asks for {ours[n]}" for n in differ)
+        raise UserError(f"cannot resume {folder}: {what}; leave those flags out to use the checkpoint's values")
+    return [f"--{n} {ours[n]} (was {saved[n]})" for n in CHANGES_TRAINING if n in saved and saved[n] != ours[n]]
+
+
+def compare_data(
+    folder: Path, tokenizer_dict: dict[str, Any], state: dict[str, Any], tokenizer: dict[str, Any], data: dict
+) -> None:
+    """Refuse a checkpoint whose tokenizer or training tokens differ from this run's (another text, say)."""
+    if tokenizer_dict != tokenizer:
+        saved_vocab, vocab = len(tokenizer_dict.get("chars", "")), len(tokenizer.get("chars", ""))
+        detail = f"{saved_vocab} vs {vocab} characters" if saved_vocab != vocab else "another vocabulary"
+        raise UserError(
+            f"cannot resume {folder}: its {tokenizer_dict.get('name')} tokenizer differs from this run's ({detail}); "
+            "resume with the text it was trained on (--data_path)"
+        )
+    saved = state.get("data")
+    if saved and saved != data:
+        raise UserError(
+            f"cannot resume {folder}: it was trained on other tokens ({saved['train_tokens']} train, sha256 "
+            f"{saved['sha256']}) than this run's ({data['train_tokens']}, {data['sha256']}); "
+            "resume with the text it was trained on (--data_path)"
+        )
+
+
+LOOP_STATE = ("batches", "train_seconds", "eval_seconds", "best_val_loss", "loss_sum", "loss_count")
+
+
+def check_loop_state(folder: Path, state: dict[str, Any]) -> None:
+    """A checkpoint written without the training loop's state (by hand, or by an older version) cannot resume."""
+    missing = [key for key in LOOP_STATE if key not in state]
+    if missing:
+        raise UserError(
+            f"checkpoint {folder} lacks the training state to resume ({', '.join(missing)} in state.json); "
+            "it can still be sampled from"
+        )
