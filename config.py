@@ -77,6 +77,11 @@ class Config:
     save_model: bool = _flag(False, "save checkpoints into <save_model_dir>/<run>/")
     save_model_dir: str = _flag("models", "folder for checkpoints")
     save_every: int | None = _flag(None, "also save every N steps (None = only at the end)")
+    keep_checkpoints: int | None = _flag(3, "keep only the newest N step_* checkpoints of a run (None = keep all)")
+    resume: str | None = _flag(
+        None, "continue a run from a checkpoint: a step_* folder, or a run folder (takes its latest)"
+    )
+    skip_nonfinite: bool = _flag(False, "skip an optimizer step whose loss or gradient is NaN/inf instead of stopping")
     # system
     device: str = _flag("auto", "auto picks cuda, then mps, then cpu", ("auto", "cpu", "cuda", "mps"))
     dtype: str = _flag(
@@ -122,8 +127,9 @@ class Config:
         for name in ("eval_steps", "log_every"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
-        if self.save_every is not None and self.save_every <= 0:
-            raise UserError(f"--save_every must be a positive integer or None, got {self.save_every}")
+        for name in ("save_every", "keep_checkpoints"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"--{name} must be a positive integer or None, got {getattr(self, name)}")
         if self.peak_flops is not None and not self.peak_flops > 0:
             raise UserError(f"--peak_flops must be a positive number of FLOP/s (e.g. 989e12), got {self.peak_flops}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
@@ -266,8 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    """Command line -> validated Config. Precedence: explicit flags > --preset > dataclass defaults."""
+def parse_args(argv: list[str] | None = None, base: dict[str, Any] | None = None) -> Config:
+    """Command line -> validated Config. Precedence: explicit flags > --preset > base > dataclass defaults.
+
+    `base` is a saved config (a checkpoint's, when resuming), so flags left out keep the checkpoint's values.
+    """
     parser = build_parser()
     try:
         namespace, unknown = parser.parse_known_args(argv)
@@ -279,7 +288,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         hint = f"; did you mean --{close[0]}?" if close else "; see --help for the list"
         raise UserError(f"unknown flag {flag!r}{hint}")
     explicit = vars(namespace)
-    values = dict(PRESETS.get(explicit.get("preset"), {}))
+    values = {k: v for k, v in (base or {}).items() if k in FIELDS}
+    values.update(PRESETS.get(explicit.get("preset"), {}))
     values.update(explicit)
     return Config(**values)
 

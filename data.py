@@ -72,7 +72,10 @@ def read_text(data_path: str) -> tuple[str, str]:
     path = resolve_data_path(data_path)
     if not path.exists():
         if data_path != DEFAULT_DATA_PATH:
-            raise UserError(f"data file {data_path} does not exist; check --data_path")
+            raise UserError(
+                f"data file {data_path} does not exist; put a UTF-8 text file there, fix --data_path, or leave "
+                f"--data_path out to download Tiny Shakespeare to {DEFAULT_DATA_PATH}"
+            )
         download_tiny_shakespeare(path)
     if path.is_dir():
         raise UserError(f"--data_path {data_path} is a folder; give a UTF-8 text file")
@@ -121,6 +124,12 @@ def load_dataset(cfg: Config) -> tuple[Tokenizer, torch.Tensor, torch.Tensor]:
                 f"{cfg.context_len + 1}; use a longer text or a smaller --context_len"
             )
     return tokenizer, train, val
+
+
+def token_fingerprint(train: torch.Tensor, val: torch.Tensor) -> dict[str, int | str]:
+    """What a resumed run checks it trains on the same tokens: counts and a short hash of the ids."""
+    digest = hashlib.sha256(train.numpy().tobytes() + val.numpy().tobytes()).hexdigest()[:16]
+    return {"train_tokens": len(train), "val_tokens": len(val), "sha256": digest}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import platform
 import random
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -117,6 +119,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def check_writable(folder: str | Path, flag: str) -> None:
+    """Refuse an unwritable output folder at the start, not at the first save hours later; creates nothing."""
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())  # the folder, or where it would be created
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UserError(
+            f"{flag} {folder} is not writable ({error.strerror or error}); pick another folder or fix its permissions"
+        ) from None
 
 
 def seed_everything(seed: int) -> None:
