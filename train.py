@@ -7,11 +7,11 @@ The loop wires the modules together: config -> data -> model -> optimizers -> st
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,12 +19,45 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from checkpoint import save_checkpoint, unwrap
+from checkpoint import (
+    check_loop_state,
+    compare_configs,
+    compare_data,
+    load_optimizer_state,
+    load_rng_state,
+    load_weights,
+    read_checkpoint,
+    resolve_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unwrap,
+)
 from config import Config, UserError, parse_args
-from data import CACHE_DIR, TrainBatches, fixed_val_batches, full_val_batches, load_dataset, to_device
+from data import (
+    CACHE_DIR,
+    TrainBatches,
+    fixed_val_batches,
+    full_val_batches,
+    load_dataset,
+    to_device,
+    token_fingerprint,
+)
 from model import GPT, generate
 from optimizer import build_optimizers, lr_multiplier, set_lr
-from utils import flops_per_token, format_duration, human, peak_flops, resolve_device, resolve_dtype, seed_everything
+from records import RunRecorder, default_run_name
+from utils import (
+    check_writable,
+    flops_per_token,
+    format_duration,
+    human,
+    peak_flops,
+    resolve_device,
+    resolve_dtype,
+    seed_everything,
+)
+
+MAX_SKIPS_IN_A_ROW = 10  # with --skip_nonfinite: this many bad steps in a row means the run diverged
 
 
 def cross_entropy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -81,70 +114,6 @@ def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Ten
     return total / count
 
 
-class RunRecorder:
-    """runs/<run>/config.json and metrics.jsonl (one JSON object per logged step), plus wandb when enabled."""
-
-    def __init__(self, cfg: Config, run_name: str, info: dict[str, Any]):
-        self.dir = unique_dir(Path(cfg.runs_dir), run_name)
-        self.name = self.dir.name
-        self.dir.mkdir(parents=True)
-        (self.dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "run": self.name, **info}, indent=2) + "\n")
-        self.metrics = open(self.dir / "metrics.jsonl", "a")  # noqa: SIM115 (kept open for the whole run)
-        self.wandb = start_wandb(cfg, run_name, info) if cfg.wandb_enabled else None
-
-    def log(self, record: dict[str, Any]) -> None:
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
-        if self.wandb is not None:
-            try:
-                self.wandb.log(record, step=record["step"])
-            except Exception as error:
-                print(f"warning: wandb.log failed ({error}); continuing with the local record", flush=True)
-                self.wandb = None
-
-    def close(self) -> None:
-        self.metrics.close()
-        if self.wandb is not None:
-            with contextlib.suppress(Exception):
-                self.wandb.finish()
-
-
-def unique_dir(parent: Path, name: str) -> Path:
-    path, n = parent / name, 2
-    while path.exists():
-        path, n = parent / f"{name}-{n}", n + 1
-    return path
-
-
-def start_wandb(cfg: Config, run_name: str, info: dict[str, Any]):
-    """A wandb run, or None with one warning line: wandb trouble never stops training."""
-    try:
-        from dotenv import load_dotenv
-
-        load_dotenv()
-        if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
-            print(
-                "warning: --wandb_enabled True but no WANDB_API_KEY (in .env or the environment); logging locally only",
-                flush=True,
-            )
-            return None
-        import wandb
-
-        return wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "pair-transformer"),
-            entity=os.environ.get("WANDB_ENTITY") or None,
-            name=run_name,
-            config={**cfg.to_dict(), **info},
-        )
-    except Exception as error:
-        print(f"warning: wandb failed to start ({type(error).__name__}: {error}); logging locally only", flush=True)
-        return None
-
-
-def default_run_name() -> str:
-    return time.strftime("run-%Y%m%d-%H%M%S")
-
-
 def banner(cfg: Config, lines: dict[str, str]) -> None:
     width = max(len(k) for k in lines)
     print("=" * 78)
@@ -153,10 +122,42 @@ def banner(cfg: Config, lines: dict[str, str]) -> None:
     print("=" * 78, flush=True)
 
 
+class StopSignals:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum  # nothing printed here: the handler may have interrupted a print
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def train(cfg: Config) -> dict[str, Any]:
-    """Run one training job end to end; returns a summary (losses, timings, where things went)."""
+    """Run one training job end to end, or continue one with --resume; returns a summary (losses, timings, where
+    things went). Stops early on SIGINT/SIGTERM (summary["stopped_by"]) after saving when saving is on."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    resume = resolve_checkpoint(cfg.resume) if cfg.resume else None
+    check_writable(cfg.runs_dir, "--runs_dir")
+    if cfg.save_model:
+        check_writable(resume.parent if resume else cfg.save_model_dir, "--save_model_dir")
+    if resume:
+        saved_config, saved_tokenizer, saved = read_checkpoint(resume)
+        check_loop_state(resume, saved)
+        changed = compare_configs(resume, saved_config, cfg)
     seed_everything(cfg.seed)
     torch.set_float32_matmul_precision("high")
     compile_it = cfg.torch_compile
@@ -167,9 +168,20 @@ def train(cfg: Config) -> dict[str, Any]:
     if device.type == "cpu" and cfg.preset is None and cfg.embedding_dim * cfg.context_len >= 512 * 1024:
         print("notice: these are the GPU-sized defaults and will be slow on a CPU; try --preset cpu", flush=True)
     tokenizer, train_ids, val_ids = load_dataset(cfg)
+    data_id = token_fingerprint(train_ids, val_ids)
     model = GPT(cfg, tokenizer.vocab_size).to(device)
     optimizers = build_optimizers(model, cfg)
     batches = TrainBatches(train_ids, cfg.batch_size, cfg.context_len, cfg.seed, device)
+    start_step, train_seconds, eval_seconds, best_val, loss_total, loss_count = 0, 0.0, 0.0, math.inf, 0.0, 0
+    if resume:  # everything but the RNGs, which are set last, after start-up has drawn from them
+        compare_data(resume, saved_tokenizer, saved, tokenizer.to_dict(), data_id)
+        load_weights(resume, model)
+        load_optimizer_state(resume, optimizers)
+        rng = load_rng_state(resume)
+        batches.load_state_dict(saved["batches"])
+        start_step, train_seconds, eval_seconds = saved["step"], saved["train_seconds"], saved["eval_seconds"]
+        best_val = math.inf if saved["best_val_loss"] is None else saved["best_val_loss"]
+        loss_total, loss_count = saved["loss_sum"], saved["loss_count"]  # the log interval in progress
     steps_per_epoch = max(1, batches.batches_per_epoch // cfg.accumulation_steps)
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     tokens_per_step = cfg.batch_size * cfg.context_len * cfg.accumulation_steps
@@ -182,17 +194,19 @@ def train(cfg: Config) -> dict[str, Any]:
         params["non_embedding"], cfg.num_blocks, cfg.num_heads, cfg.head_dim, cfg.context_len
     )
     peak, peak_source = peak_flops(device, dtype, cfg.peak_flops, CACHE_DIR)
-    run_name = cfg.run or default_run_name()
     recorder = RunRecorder(
         cfg,
-        re.sub(r"[^\w.-]+", "-", run_name).strip("-") or default_run_name(),
+        saved["run"] if resume else re.sub(r"[^\w.-]+", "-", cfg.run or "").strip("-") or default_run_name(),
         {"vocab_size": tokenizer.vocab_size, "params": params, "device": str(device), "train_tokens": len(train_ids)},
+        resume_step=start_step if resume else None,
+        wandb_id=saved.get("wandb_id") if resume else None,
     )
-    save_dir = Path(cfg.save_model_dir) / recorder.name
+    save_dir = resume.parent if resume else Path(cfg.save_model_dir) / recorder.name  # a resumed run saves beside
     banner(
         cfg,
         {
             "run": f"{recorder.name}  (records in {recorder.dir})",
+            **({"resume": f"{resume} at step {start_step}"} if resume else {}),
             "device": f"{device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else str(device),
             "dtype": f"{str(dtype).removeprefix('torch.')}, compile {'on' if compile_it else 'off'}",
             "model": f"{cfg.num_blocks} blocks x {cfg.num_heads} heads x {cfg.embedding_dim} dim, context {cfg.context_len}, "
@@ -208,87 +222,153 @@ def train(cfg: Config) -> dict[str, Any]:
             )
             + f", {cfg.lr_schedule} schedule, warmup {cfg.warmup_steps}",
             "MFU peak": f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else f"n/a ({peak_source})",
-            "saving": str(save_dir) if cfg.save_model else "off (--save_model True to keep the weights)",
+            "saving": f"{save_dir}, keeping " + (f"the last {cfg.keep_checkpoints}" if cfg.keep_checkpoints else "all")
+            if cfg.save_model
+            else "off (--save_model True to keep the weights)",
         },
     )
+    if resume and changed:
+        print(f"notice: resuming with {', '.join(changed)}; the run will differ from an uninterrupted one", flush=True)
 
     loss_fn.warm_up(*(to_device(t, device) for t in val_fixed[0]))
+    if resume:
+        set_rng_state(rng)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    train_seconds, eval_seconds, best_val, last_ckpt = 0.0, 0.0, math.inf, None
+    last_ckpt, step, stopped_early, skipped_in_a_row = None, start_step, False, 0
     interval_start, interval_steps = time.perf_counter(), 0
-    loss_sum = torch.zeros((), device=device)
-    step = 0
-    stopped_early = False
-    for step in range(1, total_steps + 1):
-        step_start = time.perf_counter()
-        time_frac = train_seconds / cfg.time_budget_s if cfg.time_budget_s else 0.0
-        lr_mult = lr_multiplier(step - 1, total_steps, cfg, time_frac)
-        set_lr(optimizers, lr_mult)
-        for _ in range(cfg.accumulation_steps):
-            x, y = batches.next_batch()
-            with autocast():
-                loss = loss_fn(x, y) / cfg.accumulation_steps  # the mean over all micro-batches, like one big batch
-            loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        for optimizer in optimizers:
-            optimizer.step()
-        model.zero_grad(set_to_none=True)
-        interval_steps += 1
+    loss_sum = torch.tensor(loss_total, device=device)  # summed step losses of the log interval, on the device
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # first non-finite step; on the device: no sync
 
-        is_log = step % cfg.log_every == 0 or step == total_steps
-        is_eval = cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps
-        if is_log or is_eval:
-            loss_value = loss_sum.item() / interval_steps  # .item() waits for the device: time only after it
-            if not math.isfinite(loss_value):
-                raise UserError(
-                    f"the loss became non-finite by step {step}; lower --lr / --muon_lr or raise --warmup_steps"
-                )
-            now = time.perf_counter()
-            train_seconds += now - step_start
-            step_ms = (now - interval_start) / interval_steps * 1000
+    def diverged(what: str) -> UserError:
+        where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
+        return UserError(
+            f"{what}; {where}: resume from it with a lower --lr / --muon_lr or more --warmup_steps, "
+            "or pass --skip_nonfinite True"
+        )
+
+    def check_finite() -> None:
+        if bad := int(first_bad):
+            raise diverged(f"the loss or gradient became non-finite at step {bad}")
+
+    def save(step: int) -> Path:
+        """A checkpoint of everything needed to continue after `step`; never one of non-finite weights."""
+        check_finite()
+        if not torch.stack([torch.isfinite(p).all() for p in parameters]).all():
+            raise diverged(f"the weights became non-finite by step {step} (an update too large); not saving them")
+        state = {
+            "run": recorder.name,
+            "data": data_id,
+            "batches": batches.state_dict(),
+            "train_seconds": train_seconds,
+            "eval_seconds": eval_seconds,
+            "best_val_loss": best_val if math.isfinite(best_val) else None,
+            "loss_sum": loss_sum.item(),
+            "loss_count": loss_count,
+            "wandb_id": recorder.wandb_id,
+        }
+        return save_checkpoint(
+            save_dir, step, model, tokenizer.to_dict(), optimizers, state, rng_state(device), cfg.keep_checkpoints
+        )
+
+    with recorder, StopSignals() as signals:
+        for step in range(start_step + 1, total_steps + 1):
+            step_start = time.perf_counter()
+            time_frac = train_seconds / cfg.time_budget_s if cfg.time_budget_s else 0.0
+            lr_mult = lr_multiplier(step - 1, total_steps, cfg, time_frac)
+            set_lr(optimizers, lr_mult)
+            step_loss = torch.zeros((), device=device)
+            for _ in range(cfg.accumulation_steps):
+                x, y = batches.next_batch()
+                with autocast():
+                    loss = loss_fn(x, y) / cfg.accumulation_steps  # the mean over all micro-batches, like one big batch
+                loss.backward()
+                step_loss += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
+            if cfg.skip_nonfinite and not finite.item():  # the flag costs one device sync per step
+                skipped_in_a_row += 1
+                print(f"warning: step {step}: non-finite loss or gradient; skipped (--skip_nonfinite)", flush=True)
+                if skipped_in_a_row == MAX_SKIPS_IN_A_ROW:
+                    raise diverged(f"{MAX_SKIPS_IN_A_ROW} steps in a row were non-finite (the last: step {step})")
+            else:
+                first_bad = torch.where(finite | (first_bad > 0), first_bad, step)
+                for optimizer in optimizers:
+                    optimizer.step()
+                loss_sum += step_loss
+                loss_count, skipped_in_a_row = loss_count + 1, 0
+            model.zero_grad(set_to_none=True)
+            interval_steps += 1
+
+            is_log = step % cfg.log_every == 0 or step == total_steps
+            is_eval = cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps
+            if is_log or is_eval:
+                check_finite()
+                loss_value = loss_sum.item() / loss_count if loss_count else math.nan  # .item(): time only after it
+                now = time.perf_counter()
+                train_seconds += now - step_start
+                step_ms = (now - interval_start) / interval_steps * 1000
+                record = {
+                    "step": step,
+                    "loss": round(loss_value, 5),
+                    "lr": cfg.lr * lr_mult,
+                    "muon_lr": cfg.muon_lr * lr_mult if cfg.use_muon else None,
+                    "grad_norm": round(float(grad_norm), 5),
+                    "step_ms": round(step_ms, 2),
+                    "tok_per_s": round(tokens_per_step / step_ms * 1000, 1),
+                    "mfu": round(step_flops / (step_ms / 1000) / peak, 4) if peak else None,
+                    "epoch": round(step * tokens_per_step / len(train_ids), 4),
+                    "elapsed_s": round(train_seconds, 3),
+                }
+                if is_eval:
+                    eval_start = time.perf_counter()
+                    record["val_loss"] = round(evaluate(model, val_fixed, autocast, device), 5)
+                    best_val = min(best_val, record["val_loss"])
+                    eval_seconds += time.perf_counter() - eval_start
+                recorder.log(record)
+                print(format_line(record, total_steps), flush=True)
+                loss_sum.zero_()
+                loss_count, interval_start, interval_steps = 0, time.perf_counter(), 0
+            else:
+                train_seconds += time.perf_counter() - step_start
+            if cfg.save_model and cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
+                last_ckpt = save(step)
+                print(f"saved {last_ckpt}", flush=True)
+            if cfg.time_budget_s and train_seconds >= cfg.time_budget_s:
+                stopped_early = step < total_steps
+                print(f"time budget of {cfg.time_budget_s:g}s reached at step {step}", flush=True)
+                break
+            if signals.signum:
+                break
+
+        final_val = None
+        if not signals.signum:  # a signal skips the final evaluation: the user asked to stop
+            check_finite()
+            print(f"final evaluation on the whole validation split ({len(val_ids)} tokens) ...", flush=True)
+            eval_start = time.perf_counter()
+            final_val = evaluate(model, full_val_batches(val_ids, cfg.batch_size, cfg.context_len), autocast, device)
+            eval_seconds += time.perf_counter() - eval_start
+            best_val = min(best_val, final_val)
             record = {
                 "step": step,
-                "loss": round(loss_value, 5),
-                "lr": cfg.lr * lr_mult,
-                "muon_lr": cfg.muon_lr * lr_mult if cfg.use_muon else None,
-                "grad_norm": round(float(grad_norm), 5),
-                "step_ms": round(step_ms, 2),
-                "tok_per_s": round(tokens_per_step / step_ms * 1000, 1),
-                "mfu": round(step_flops / (step_ms / 1000) / peak, 4) if peak else None,
-                "epoch": round(step * tokens_per_step / len(train_ids), 4),
+                "val_loss": round(final_val, 5),
+                "final": True,
                 "elapsed_s": round(train_seconds, 3),
             }
-            if is_eval:
-                eval_start = time.perf_counter()
-                record["val_loss"] = round(evaluate(model, val_fixed, autocast, device), 5)
-                best_val = min(best_val, record["val_loss"])
-                eval_seconds += time.perf_counter() - eval_start
             recorder.log(record)
-            print(format_line(record, total_steps), flush=True)
-            loss_sum.zero_()
-            interval_start, interval_steps = time.perf_counter(), 0
-        else:
-            train_seconds += time.perf_counter() - step_start
-        if cfg.save_model and cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
-            last_ckpt = save_checkpoint(save_dir, step, model, tokenizer.to_dict(), optimizers, {"run": recorder.name})
-            print(f"saved {last_ckpt}", flush=True)
-        if cfg.time_budget_s and train_seconds >= cfg.time_budget_s:
-            stopped_early = step < total_steps
-            print(f"time budget of {cfg.time_budget_s:g}s reached at step {step}", flush=True)
-            break
+        if cfg.save_model:
+            last_ckpt = save(step)
 
-    print(f"final evaluation on the whole validation split ({len(val_ids)} tokens) ...", flush=True)
-    eval_start = time.perf_counter()
-    final_val = evaluate(model, full_val_batches(val_ids, cfg.batch_size, cfg.context_len), autocast, device)
-    eval_seconds += time.perf_counter() - eval_start
-    best_val = min(best_val, final_val)
-    recorder.log({"step": step, "val_loss": round(final_val, 5), "final": True, "elapsed_s": round(train_seconds, 3)})
-    if cfg.save_model:
-        last_ckpt = save_checkpoint(save_dir, step, model, tokenizer.to_dict(), optimizers, {"run": recorder.name})
-
+    stopped_by = signal.Signals(signals.signum).name if signals.signum else None
     samples = []
-    if cfg.num_samples:
+    if stopped_by:
+        print(
+            f"stopped by {stopped_by} after step {step}: "
+            + (
+                f"saved {last_ckpt}; continue with --resume {save_dir}" if last_ckpt else "saving is off, nothing saved"
+            ),
+            flush=True,
+        )
+    elif cfg.num_samples:
         print(f"--- {cfg.num_samples} samples ---")
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         for i in range(cfg.num_samples):
@@ -297,7 +377,6 @@ def train(cfg: Config) -> dict[str, Any]:
             )
             samples.append(tokenizer.decode(ids))
             print(f"[sample {i + 1}]\n{samples[-1].strip()}\n", flush=True)
-    recorder.close()
 
     summary = {
         "run": recorder.name,
@@ -306,12 +385,15 @@ def train(cfg: Config) -> dict[str, Any]:
         "best_val_loss": best_val,
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
-        "tok_per_s": step * tokens_per_step / max(train_seconds, 1e-9),
+        "tok_per_s": (step - start_step) * tokens_per_step / max(train_seconds, 1e-9),
         "stopped_early": stopped_early,
+        "stopped_by": stopped_by,
         "run_dir": str(recorder.dir),
         "checkpoint": str(last_ckpt) if last_ckpt else None,
         "samples": samples,
     }
+    if stopped_by:
+        return summary
     print("=" * 78)
     print(
         f"done: {step} steps in {format_duration(train_seconds)} of training (+{eval_seconds:.1f}s eval), "
@@ -335,12 +417,19 @@ def format_line(record: dict[str, Any], total_steps: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 when done, 2 with one `error:` line for a user mistake, 128 + signal when stopped."""
     try:
-        train(parse_args(argv))
+        cfg = parse_args(argv)
+        if cfg.resume:  # flags left out take the checkpoint's values rather than the defaults
+            cfg = parse_args(argv, base=read_checkpoint(resolve_checkpoint(cfg.resume))[0])
+        summary = train(cfg)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:  # before the loop, or a second Ctrl-C
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 128 + signal.Signals[summary["stopped_by"]] if summary["stopped_by"] else 0
 
 
 if __name__ == "__main__":
