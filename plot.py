@@ -1,0 +1,226 @@
+"""See and compare runs: `uv run plot.py runs/<a> runs/<b> [-o plot.png]`, or `uv run plot.py --table runs/*`.
+
+Reads only the run files that train.py writes, runs/<run>/config.json and runs/<run>/metrics.jsonl, and imports
+nothing of the project. The picture has four panels, one line per run named after its folder: train (solid) and
+val (dashed) loss against steps and against training time, the learning rate, and throughput. The table gives
+each run's final and best val loss, tok/s, MFU, training time and parameter count; it is printed with every plot.
+Bad input is one `error: ...` line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+
+class PlotError(ValueError):
+    """Bad input (a folder that is not a run, an unwritable output): one `error:` line, exit status 2."""
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    config: dict[str, Any]
+    records: list[dict[str, Any]]  # the per-step records, in file order
+    final: dict[str, Any] | None = None  # the final evaluation on the whole validation split, once the run is done
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def load_run(folder: str | Path) -> Run:
+    """A run folder's config and records; a line cut short (a run still writing, or a crash) is skipped."""
+    path = Path(folder)
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        raise PlotError(f"{path} has no metrics.jsonl; pass run folders written by train.py, e.g. runs/<run>")
+    try:
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        lines = metrics.read_text().splitlines()
+    except (OSError, ValueError) as error:
+        raise PlotError(f"cannot read the run in {path}: {error}") from None
+    records, final = [], None
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or "step" not in record:
+            continue
+        if record.get("final"):
+            final = record
+        else:
+            records.append(record)
+    run = Run(name=path.resolve().name, path=path, config=config, records=records, final=final)
+    run.summary = summarize(run)
+    return run
+
+
+def load_runs(folders: list[str | Path]) -> list[Run]:
+    runs = [load_run(folder) for folder in folders]
+    names = [run.name for run in runs]
+    for run in runs:  # two folders of the same name (from two runs_dirs) are told apart by their paths
+        if names.count(run.name) > 1:
+            run.name = str(run.path)
+    return runs
+
+
+def _values(records: list[dict[str, Any]], key: str) -> list[float]:
+    return [r[key] for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+
+def summarize(run: Run) -> dict[str, Any]:
+    """The table's numbers; None where the run does not have them (not finished, no MFU peak, no config)."""
+    everything = run.records + ([run.final] if run.final else [])
+    val_losses = _values(everything, "val_loss")
+    tok_per_s, mfu = _values(run.records, "tok_per_s"), _values(run.records, "mfu")
+    elapsed = _values(everything, "elapsed_s")
+    return {
+        "steps": everything[-1]["step"] if everything else None,
+        "final_val_loss": run.final.get("val_loss") if run.final else None,
+        "best_val_loss": min(val_losses) if val_losses else None,
+        # medians: one slow interval (a busy machine, a checkpoint save) should not move the number
+        "tok_per_s": statistics.median(tok_per_s) if tok_per_s else None,
+        "mfu": statistics.median(mfu) if mfu else None,
+        "train_seconds": elapsed[-1] if elapsed else None,
+        "params": (run.config.get("params") or {}).get("total"),
+    }
+
+
+def _human(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def format_table(runs: list[Run]) -> str:
+    """One row per run, aligned: steps, final and best val loss, tok/s, MFU, training time, parameters."""
+    header = ["run", "steps", "final val", "best val", "tok/s", "MFU", "time", "params"]
+    rows = []
+    for run in runs:
+        s = run.summary
+        cells = [
+            run.name,
+            s["steps"],
+            s["final_val_loss"] if s["final_val_loss"] is None else f"{s['final_val_loss']:.4f}",
+            s["best_val_loss"] if s["best_val_loss"] is None else f"{s['best_val_loss']:.4f}",
+            s["tok_per_s"] if s["tok_per_s"] is None else _human(s["tok_per_s"]),
+            s["mfu"] if s["mfu"] is None else f"{100 * s['mfu']:.1f}%",
+            s["train_seconds"] if s["train_seconds"] is None else _duration(s["train_seconds"]),
+            s["params"] if s["params"] is None else _human(s["params"]),
+        ]
+        rows.append(["-" if cell is None else str(cell) for cell in cells])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:  # the run name left-aligned, the numbers right-aligned
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    out = [line(header), "  ".join("-" * w for w in widths), *(line(row) for row in rows)]
+    if any(run.final is None for run in runs):
+        out.append("final val '-': the run has not finished (or was stopped before its final evaluation)")
+    return "\n".join(out)
+
+
+def plot_runs(runs: list[Run], out: str | Path) -> Path:
+    """Draw the runs into one image (PNG unless `out` names another format) with the Agg backend; returns its path."""
+    fig = Figure(figsize=(13, 8.5), layout="constrained")
+    FigureCanvasAgg(fig)  # no pyplot: no global state, no display needed
+    axes = fig.subplots(2, 2)
+    loss_steps, loss_time, lr_ax, speed_ax = axes.flat
+    for i, run in enumerate(runs):
+        color = f"C{i % 10}"  # matplotlib's default cycle, the same colour in every panel
+        train = [r for r in run.records if isinstance(r.get("loss"), (int, float))]
+        val = [r for r in run.records if isinstance(r.get("val_loss"), (int, float))]
+        for ax, x in ((loss_steps, "step"), (loss_time, "elapsed_s")):
+            ax.plot([r[x] for r in train], [r["loss"] for r in train], color=color, lw=1.5)
+            ax.plot([r[x] for r in val], [r["val_loss"] for r in val], color=color, ls="--", marker="o", ms=3)
+            if run.final and run.final.get(x) is not None:  # the whole split: a different estimate, its own marker
+                ax.plot(run.final[x], run.final["val_loss"], color=color, marker="*", ms=12, ls="none")
+        for key, style in (("lr", "-"), ("muon_lr", ":")):
+            points = [r for r in train if isinstance(r.get(key), (int, float)) and r[key] > 0]
+            label = run.name if key == "lr" else None
+            lr_ax.plot([r["step"] for r in points], [r[key] for r in points], color=color, ls=style, label=label)
+        speed = [r for r in train if isinstance(r.get("tok_per_s"), (int, float))]
+        speed_ax.plot([r["step"] for r in speed], [r["tok_per_s"] for r in speed], color=color)
+
+    loss_steps.set(title="loss against steps", xlabel="step", ylabel="loss")
+    loss_time.set(title="loss against training time", xlabel="training time (s, evaluation excluded)", ylabel="loss")
+    lr_ax.set(title="learning rate: AdamW (solid), Muon (dotted)", xlabel="step", ylabel="lr", yscale="log")
+    speed_ax.set(title="throughput", xlabel="step", ylabel="tokens / s")
+    speed_ax.set_ylim(bottom=0)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    styles = [
+        Line2D([], [], color="0.3", lw=1.5, label="train (log interval mean)"),
+        Line2D([], [], color="0.3", ls="--", marker="o", ms=3, label="val (fixed batches)"),
+        Line2D([], [], color="0.3", marker="*", ms=12, ls="none", label="final val (whole split)"),
+    ]
+    loss_steps.legend(handles=styles, loc="upper right", fontsize="small")
+    fig.legend(loc="outside upper center", ncols=min(len(runs), 4), title="runs", fontsize="small")
+    losses = [r["loss"] for run in runs for r in run.records if isinstance(r.get("loss"), (int, float))]
+    losses += [r["val_loss"] for run in runs for r in run.records if isinstance(r.get("val_loss"), (int, float))]
+    finite = sorted(v for v in losses if math.isfinite(v))
+    if finite:  # the first steps sit at log(vocab), far above the rest: clip them so the differences show
+        top = finite[min(len(finite) - 1, int(0.95 * len(finite)))]
+        bottom = finite[0]
+        pad = 0.05 * max(top - bottom, 1e-3)
+        for ax in (loss_steps, loss_time):
+            ax.set_ylim(bottom - pad, top + pad * 4)
+
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=80)
+    except (OSError, ValueError) as error:
+        raise PlotError(f"cannot write the plot to {out}: {error}") from None
+    return out
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the whole usage block; one line says enough
+        raise PlotError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="plot.py",
+        description="Plot runs (train/val loss against steps and time, lr, tok/s) and print a comparison table.",
+    )
+    parser.add_argument("runs", nargs="+", help="run folders, e.g. runs/muon runs/adamw (or runs/*)")
+    parser.add_argument("-o", "--out", default="plot.png", help="the image to write (default: %(default)s)")
+    parser.add_argument("--table", action="store_true", help="only print the comparison table, draw nothing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        runs = load_runs(args.runs)
+        print(format_table(runs))
+        if not args.table:
+            print(f"wrote {plot_runs(runs, args.out)}")
+    except PlotError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
