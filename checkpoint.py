@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -165,9 +166,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def _damaged(folder: Path, error: BaseException) -> UserError:
+def _damaged(folder: Path, error: BaseException, file: str = "") -> UserError:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return UserError(f"checkpoint {folder} is damaged or incomplete ({first_line[:200]}); use an earlier step_* folder")
+    where = f"{file}: " if file else ""
+    return UserError(
+        f"checkpoint {folder} is damaged or incomplete ({where}{first_line[:200]}); use an earlier step_* folder"
+    )
 
 
 def read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -192,7 +196,7 @@ def load_weights(folder: Path, model: torch.nn.Module) -> None:
             weights = {k.removeprefix(prefix): v for k, v in weights.items()}
         unwrap(model).load_state_dict(weights)
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-        raise _damaged(folder, error) from None
+        raise _damaged(folder, error, "model.safetensors") from None
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any], dict[str, Any]]:
@@ -207,11 +211,18 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     return model.to(device), tokenizer_dict, state
 
 
+def _load_tensors(path: Path) -> Any:
+    """torch.load that executes no code; a damaged file's pickle-protocol warnings stay out of the one-line error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, weights_only=True, map_location="cpu")
+
+
 def load_optimizer_state(folder: Path, optimizers: list[torch.optim.Optimizer]) -> None:
     """Restore each optimizer's state (momenta, Adam moments, step counts); its hyperparameters stay as built, so a
     resumed run may change --lr and friends."""
     try:
-        states = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
+        states = _load_tensors(folder / "optimizer.pt")
         for optimizer, optimizer_state in zip(optimizers, states, strict=True):
             hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
             optimizer.load_state_dict(optimizer_state)
@@ -220,7 +231,7 @@ def load_optimizer_state(folder: Path, optimizers: list[torch.optim.Optimizer]) 
     except FileNotFoundError:
         raise UserError(f"checkpoint {folder} has no optimizer.pt: it can be sampled from, not resumed") from None
     except Exception as error:  # a damaged file fails in many ways (zip, pickle, shapes); all mean the same
-        raise _damaged(folder, error) from None
+        raise _damaged(folder, error, "optimizer.pt") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -245,11 +256,11 @@ def rng_state(device: torch.device) -> dict[str, Any]:
 
 def load_rng_state(folder: Path) -> dict[str, Any]:
     try:
-        return torch.load(folder / "rng.pt", weights_only=True, map_location="cpu")
+        return _load_tensors(folder / "rng.pt")
     except FileNotFoundError:
         raise UserError(f"checkpoint {folder} has no rng.pt: it can be sampled from, not resumed") from None
     except Exception as error:  # as in load_optimizer_state
-        raise _damaged(folder, error) from None
+        raise _damaged(folder, error, "rng.pt") from None
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -284,10 +295,14 @@ def compare_data(
 ) -> None:
     """Refuse a checkpoint whose tokenizer or training tokens differ from this run's (another text, say)."""
     if tokenizer_dict != tokenizer:
-        saved_vocab, vocab = len(tokenizer_dict.get("chars", "")), len(tokenizer.get("chars", ""))
-        detail = f"{saved_vocab} vs {vocab} characters" if saved_vocab != vocab else "another vocabulary"
+        if tokenizer_dict.get("name") == tokenizer.get("name") == "char":
+            old, new = set(tokenizer_dict.get("chars", "")), set(tokenizer.get("chars", ""))
+            detail = f"characters only in the checkpoint: {''.join(sorted(old - new))[:20]!r}, only in this text: "
+            detail += repr("".join(sorted(new - old))[:20])
+        else:
+            detail = f"{tokenizer_dict.get('name')} vs {tokenizer.get('name')}"
         raise UserError(
-            f"cannot resume {folder}: its {tokenizer_dict.get('name')} tokenizer differs from this run's ({detail}); "
+            f"cannot resume {folder}: its tokenizer differs from this run's ({detail}); "
             "resume with the text it was trained on (--data_path)"
         )
     saved = state.get("data")

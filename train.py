@@ -222,13 +222,15 @@ def train(cfg: Config) -> dict[str, Any]:
             )
             + f", {cfg.lr_schedule} schedule, warmup {cfg.warmup_steps}",
             "MFU peak": f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else f"n/a ({peak_source})",
-            "saving": f"{save_dir}, keeping " + (f"the last {cfg.keep_checkpoints}" if cfg.keep_checkpoints else "all")
+            "saving": f"{save_dir} (--keep_checkpoints {cfg.keep_checkpoints})"
             if cfg.save_model
             else "off (--save_model True to keep the weights)",
         },
     )
     if resume and changed:
         print(f"notice: resuming with {', '.join(changed)}; the run will differ from an uninterrupted one", flush=True)
+    if start_step >= total_steps:
+        print(f"notice: the checkpoint is at step {start_step} of {total_steps}; raise --max_steps to train on")
 
     loss_fn.warm_up(*(to_device(t, device) for t in val_fixed[0]))
     if resume:
@@ -240,11 +242,11 @@ def train(cfg: Config) -> dict[str, Any]:
     first_bad = torch.zeros((), dtype=torch.long, device=device)  # first non-finite step; on the device: no sync
 
     def diverged(what: str) -> UserError:
-        where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
-        return UserError(
-            f"{what}; {where}: resume from it with a lower --lr / --muon_lr or more --warmup_steps, "
-            "or pass --skip_nonfinite True"
-        )
+        good = last_ckpt or resume
+        advice = "lower --lr / --muon_lr, raise --warmup_steps, or pass --skip_nonfinite True"
+        if good:
+            return UserError(f"{what}; the last good checkpoint is {good}: resume from it and {advice}")
+        return UserError(f"{what}; no checkpoint was written: {advice}")
 
     def check_finite() -> None:
         if bad := int(first_bad):
@@ -355,8 +357,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 "elapsed_s": round(train_seconds, 3),
             }
             recorder.log(record)
-        if cfg.save_model:
-            last_ckpt = save(step)
+        if cfg.save_model and not (signals.signum and last_ckpt and last_ckpt.name == f"step_{step:06d}"):
+            last_ckpt = save(step)  # (unless a signal came during a step that --save_every has just saved)
 
     stopped_by = signal.Signals(signals.signum).name if signals.signum else None
     samples = []
@@ -385,7 +387,7 @@ def train(cfg: Config) -> dict[str, Any]:
         "best_val_loss": best_val,
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
-        "tok_per_s": (step - start_step) * tokens_per_step / max(train_seconds, 1e-9),
+        "tok_per_s": step * tokens_per_step / max(train_seconds, 1e-9),
         "stopped_early": stopped_early,
         "stopped_by": stopped_by,
         "run_dir": str(recorder.dir),

@@ -305,6 +305,30 @@ def test_an_absurd_learning_rate_never_reaches_a_checkpoint(tmp_path, capsys):
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch, capsys):
+    """A step with finite gradients whose update overflows the weights: the check before saving catches it."""
+    real = train.build_optimizers
+
+    def build_optimizers(model, cfg):
+        optimizers, calls = real(model, cfg), []
+
+        def overflow(optimizer, args, kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                model.lm_head.weight.data[0, 0] = float("inf")
+
+        optimizers[-1].register_step_post_hook(overflow)
+        return optimizers
+
+    monkeypatch.setattr(train, "build_optimizers", build_optimizers)
+    assert train.main(argv_of(nan_config(tmp_path, save_every=1))) == 2
+    err = capsys.readouterr().err
+    models = tmp_path / "run" / "models" / "r"
+    assert err.startswith("error: the weights became non-finite by step 3") and err.count("\n") == 1
+    assert f"the last good checkpoint is {models / 'step_000002'}" in err
+    assert (models / LATEST).read_text().strip() == "step_000002"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoint folder mechanics
 
