@@ -85,8 +85,10 @@ def unwrap(model: torch.nn.Module) -> GPT:
     return model
 
 
-def step_of(folder: Path) -> int:
-    return int(folder.name.removeprefix("step_"))
+def step_folders(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run folder, oldest step first (temp folders start with a dot)."""
+    folders = [p for p in run_dir.glob("step_*") if p.name[5:].isdigit()]
+    return sorted(folders, key=lambda p: int(p.name[5:]))
 
 
 def save_checkpoint(
@@ -119,6 +121,7 @@ def save_checkpoint(
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
         if final.exists():  # the same step again: move the old one aside rather than delete what `latest` names
+            shutil.rmtree(aside, ignore_errors=True)
             os.replace(final, aside)
         os.replace(tmp, final)
         _fsync_dir(run_dir)
@@ -140,8 +143,7 @@ def prune_checkpoints(run_dir: Path, keep: int | None, current: Path) -> None:
     """Delete all but the newest `keep` step_* folders (never `current`) and the temp folders of crashed saves."""
     doomed = [p for p in run_dir.glob(".step_*.tmp") if p.is_dir()]
     if keep is not None:
-        folders = sorted((p for p in run_dir.glob("step_*") if p.name[5:].isdigit()), key=step_of)
-        for old in folders[:-keep]:
+        for old in step_folders(run_dir)[:-keep]:
             if old != current:
                 gone = run_dir / f".{old.name}.deleting.tmp"
                 os.replace(old, gone)  # vanish in one rename, so no half-deleted checkpoint is ever visible
@@ -153,12 +155,12 @@ def prune_checkpoints(run_dir: Path, keep: int | None, current: Path) -> None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or a run folder whose `latest` names one (else its newest step_* folder)."""
     path = Path(path)
-    if (path / LATEST).exists() and (path / (path / LATEST).read_text().strip()).is_dir():
-        path = path / (path / LATEST).read_text().strip()
+    named = (path / LATEST).read_text().strip() if (path / LATEST).is_file() else ""
+    if named and (path / named).is_dir():
+        path = path / named
     elif path.is_dir() and not (path / "model.safetensors").exists():
         # `latest` missing or naming a vanished folder (a crash between two renames): the newest complete one
-        folders = sorted((p for p in path.glob("step_*") if p.name[5:].isdigit()), key=step_of)
-        path = folders[-1] if folders else path
+        path = (step_folders(path) or [path])[-1]
     if not (path / "model.safetensors").exists():
         raise UserError(
             f"{path} is not a checkpoint (no model.safetensors); pass a step_* folder or a run folder with 'latest'"
