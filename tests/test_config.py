@@ -194,3 +194,12 @@ def test_fields_table_matches_the_dataclass():
     assert list(FIELDS) == [f.name for f in dataclasses.fields(Config)]
     assert all(f.metadata.get("help") for f in dataclasses.fields(Config))
     assert config.Config is Config
+
+
+def test_a_base_config_sits_under_presets_and_flags():
+    """--resume passes the checkpoint's config as base: flags left out keep its values, not the defaults."""
+    base = {**Config(embedding_dim=64, num_heads=4, lr=0.01).to_dict(), "a_key_from_the_past": 1}
+    cfg = parse_args(["--lr", "0.002"], base=base)
+    assert (cfg.embedding_dim, cfg.num_heads, cfg.lr) == (64, 4, 0.002)
+    assert parse_args(["--preset", "cpu"], base=base).embedding_dim == PRESETS["cpu"]["embedding_dim"]
+    assert parse_args([], base=None) == parse_args([])
