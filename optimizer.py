@@ -33,8 +33,14 @@ def newton_schulz(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> to
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
         gram = x @ x.mT
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c) if x.dim() == 3 else torch.addmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.baddbmm(x, poly, x, beta=a) if x.dim() == 3 else torch.addmm(x, poly, x, beta=a)  # a x + (b G + c G^2) x
+        poly = (
+            torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            if x.dim() == 3
+            else torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        )
+        x = (
+            torch.baddbmm(x, poly, x, beta=a) if x.dim() == 3 else torch.addmm(x, poly, x, beta=a)
+        )  # a x + (b G + c G^2) x
     return (x.mT if tall else x).to(update.dtype)
 
 
