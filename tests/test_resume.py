@@ -165,6 +165,19 @@ def test_flags_left_out_come_from_the_checkpoint_and_some_may_change(straight, t
     assert parse_args(["--resume", "x", "--lr", "0.001"]).embedding_dim == 512  # (without the checkpoint: defaults)
 
 
+def test_wandb_run_id_survives_a_resume(straight, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # a real wandb run id, no network
+    monkeypatch.chdir(tmp_path)
+    text = str(straight[0].parent / "text.txt")
+    train.train(base_config(tmp_path, data_path=text, wandb_enabled=True, max_steps=4, save_every=None))
+    first = json.loads((tmp_path / "models" / "r" / "step_000004" / "state.json").read_text())["wandb_id"]
+    assert isinstance(first, str) and first
+    train.train(
+        base_config(tmp_path, data_path=text, wandb_enabled=True, max_steps=6, resume=str(tmp_path / "models" / "r"))
+    )
+    assert json.loads((tmp_path / "models" / "r" / "step_000006" / "state.json").read_text())["wandb_id"] == first
+
+
 def test_ctrl_c_on_a_real_process(straight, tmp_path):
     """The command line as a user runs it: SIGINT mid-run exits 130 with a checkpoint that resumes."""
     reference, _ = straight
@@ -178,7 +191,7 @@ def test_ctrl_c_on_a_real_process(straight, tmp_path):
         cwd=tmp_path,
     )
     metrics = tmp_path / "runs" / "r" / "metrics.jsonl"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)
@@ -217,7 +230,7 @@ def test_kill_9_while_saving_keeps_the_previous_checkpoint(straight, tmp_path):
         cwd=REPO,
     )
     models = tmp_path / "models" / "r"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while not list(models.glob(".step_000012.*.tmp/model.safetensors")) and time.monotonic() < deadline:
         assert process.poll() is None, process.stderr.read().decode()
         time.sleep(0.02)
