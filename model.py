@@ -262,7 +262,7 @@ def generate(
     cache, fed = None, start  # fed: tokens[start:fed] are already in the cache
     for _ in range(max_new_tokens):
         if len(tokens) - start > context_len:
-            start = len(tokens) - context_len // 2
+            start = len(tokens) - max(1, context_len // 2)  # at least one token, even at context_len 1
             cache, fed = None, start
         if use_cache:
             if cache is None:

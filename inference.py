@@ -1,0 +1,295 @@
+"""Inference shared by sample.py and train.py: prompts to ids, ids to streamed text, and the 20 inference cases.
+
+The cases live in inference_cases.json: a prompt, decoding settings and the automatic checks each must pass. The
+Shakespeare ones start a passage of the validation split and carry its true continuation, so the model's loss on
+that continuation scores a checkpoint case by case. `run_cases` runs them, `format_table` shows the results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from config import UserError
+from model import GPT, generate
+from utils import CharTokenizer, Tokenizer
+
+CASES_PATH = Path(__file__).resolve().parent / "inference_cases.json"
+CASES_VERSION = 1
+CHECKS = ("decodes", "length", "deterministic", "cache_equal", "greedy_equal", "refuses_unseen")
+CHECK_TOKENS = 32  # greedy tokens compared with and without the cache: the uncached path re-runs the whole window
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts, decoding settings, streaming
+
+
+@dataclass
+class Settings:
+    """How to sample: the flags of sample.py, and the per-case settings of the cases file."""
+
+    max_new_tokens: int = 300
+    temperature: float = 0.8
+    top_k: int | None = 200
+    top_p: float | None = None
+    seed: int = 1337
+    kv_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise UserError(f"--max_new_tokens must be a positive integer, got {self.max_new_tokens}")
+        if not (
+            isinstance(self.temperature, (int, float)) and self.temperature >= 0 and math.isfinite(self.temperature)
+        ):
+            raise UserError(f"--temperature must be zero (greedy) or a positive number, got {self.temperature}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k <= 0):
+            raise UserError(f"--top_k must be a positive integer or None, got {self.top_k}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise UserError(f"--top_p must be above 0 and at most 1, or None, got {self.top_p}")
+
+    def sample(self, model: GPT, prompt_ids: list[int], generator: torch.Generator | None = None) -> Iterator[int]:
+        """generate() with these settings; a fresh generator seeded with `seed` unless one is passed in."""
+        if generator is None:
+            generator = torch.Generator(device=next(model.parameters()).device).manual_seed(self.seed)
+        return generate(
+            model,
+            prompt_ids,
+            self.max_new_tokens,
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            self.kv_cache,
+            generator,
+        )
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt; an empty prompt becomes the tokenizer's start id, since generate needs one token."""
+    try:
+        ids = tokenizer.encode(text)
+    except ValueError as error:  # the char tokenizer refuses characters it never saw
+        raise UserError(f"cannot encode the prompt: {error}") from None
+    return ids or [tokenizer.start_id]
+
+
+class StreamDecoder:
+    """Token ids in, printable text out, one id at a time.
+
+    A BPE token may hold only part of a multi-byte character, which decodes to U+FFFD until the next token
+    completes it; such a tail is held back. Once the pending ids decode to whole characters they are emitted and
+    dropped, so each id is decoded a bounded number of times."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.pending: list[int] = []
+
+    def feed(self, token_id: int) -> str:
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd"):
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        """Whatever is still held back (a character the model never completed)."""
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
+        self.pending = []
+        return text
+
+
+@torch.no_grad()
+def continuation_loss(model: GPT, prompt_ids: list[int], continuation_ids: list[int]) -> float:
+    """Mean per-token cross-entropy of continuation_ids following prompt_ids (which must not be empty).
+
+    Targets are scored in chunks of context_len // 2 through windows of up to context_len tokens, so any length fits
+    and every target sees at least context_len // 2 tokens before it (where there are), as generation does."""
+    device = next(model.parameters()).device
+    context_len = model.cfg.context_len
+    chunk = max(1, context_len // 2)
+    ids = torch.tensor(prompt_ids + continuation_ids, device=device)
+    total = 0.0
+    for start in range(len(prompt_ids), len(ids), chunk):
+        end = min(len(ids), start + chunk)  # score the targets ids[start:end]
+        first = max(0, end - 1 - context_len)  # their inputs ids[first:end - 1] fill at most the window
+        logits = model(ids[first : end - 1][None])[0, start - 1 - first :]
+        total += F.cross_entropy(logits.float(), ids[start:end], reduction="sum").item()
+    return total / len(continuation_ids)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The cases
+
+
+@dataclass
+class Case:
+    name: str
+    kind: str  # shakespeare, edge or decoding
+    prompt: str
+    settings: Settings
+    checks: list[str]
+    continuation: str | None = None  # the true next characters of the passage (held-out cases only)
+    offset: int | None = None  # where the prompt starts in data/tiny_shakespeare.txt (held-out cases only)
+    note: str = ""
+
+
+@dataclass
+class CaseResult:
+    name: str
+    checks: dict[str, bool | None]  # None: not applicable (the generation checks of a prompt rightly refused)
+    loss: float | None = None  # mean per-token loss of the held-out continuation
+    sample: str = ""  # the generated text, or the refusal
+    error: str | None = None  # what went wrong: a crash, a refusal the case did not expect, an unencodable continuation
+    prompt_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> int:
+        return sum(ok is True for ok in self.checks.values())
+
+    @property
+    def total(self) -> int:
+        return sum(ok is not None for ok in self.checks.values())
+
+    @property
+    def failed(self) -> list[str]:
+        return [name for name, ok in self.checks.items() if ok is False]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_cases(path: str | Path = CASES_PATH) -> list[Case]:
+    """The cases of a cases file, each with the file's default settings under its own; refuses a bad file in one line."""
+    try:
+        payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read the inference cases {path}: {error}") from None
+    if not isinstance(payload, dict) or payload.get("version") != CASES_VERSION:
+        found = payload.get("version") if isinstance(payload, dict) else None
+        raise UserError(f"{path} has cases version {found!r}; this sample.py reads version {CASES_VERSION}")
+    cases = []
+    for i, entry in enumerate(payload.get("cases", [])):
+        try:
+            settings = Settings(**{**payload.get("defaults", {}), **entry.get("settings", {})})
+            case = Case(settings=settings, **{k: v for k, v in entry.items() if k != "settings"})
+        except (TypeError, AttributeError, UserError) as error:
+            raise UserError(f"{path}: case {i} is malformed ({error})") from None
+        unknown = [c for c in case.checks if c not in CHECKS]
+        if unknown:
+            raise UserError(f"{path}: case {case.name!r} asks for unknown checks {unknown}; known: {', '.join(CHECKS)}")
+        cases.append(case)
+    if not cases:
+        raise UserError(f"{path} holds no cases")
+    return cases
+
+
+def run_case(model: GPT, tokenizer: Tokenizer, case: Case) -> CaseResult:
+    """Sample one case and run its checks; a crash fails the case instead of ending the run."""
+    started = time.perf_counter()
+    result = CaseResult(case.name, {name: None for name in case.checks})
+    # what the char tokenizer must refuse: the oracle for the refusal check, independent of the tokenizer's code
+    unseen = sorted(set(case.prompt) - set(tokenizer.chars)) if isinstance(tokenizer, CharTokenizer) else []
+    try:
+        prompt_ids = encode_prompt(tokenizer, case.prompt)
+    except UserError as error:
+        message = str(error)
+        expected = bool(unseen) and "refuses_unseen" in case.checks  # then sampling checks do not apply
+        for name in case.checks:
+            if name == "refuses_unseen":  # a clear refusal names every character it cannot encode
+                result.checks[name] = bool(unseen) and all(c in message for c in unseen)
+            else:
+                result.checks[name] = None if expected else False
+        result.sample = f"refused: {message}"
+        result.error = None if expected else message
+        result.seconds = time.perf_counter() - started
+        return result
+    result.prompt_tokens = len(prompt_ids)
+    try:
+        settings = case.settings
+        stream = StreamDecoder(tokenizer)
+        ids, pieces = [], []
+        for token_id in settings.sample(model, prompt_ids):
+            ids.append(token_id)
+            pieces.append(stream.feed(token_id))
+        streamed = "".join(pieces)
+        result.sample = streamed + stream.flush()
+
+        def greedy(n: int, kv_cache: bool) -> list[int]:
+            greedy_settings = dataclasses.replace(settings, max_new_tokens=n, temperature=0.0, kv_cache=kv_cache)
+            return list(greedy_settings.sample(model, prompt_ids))
+
+        for name in case.checks:
+            if name == "refuses_unseen":  # the prompt was accepted: right unless it holds characters never seen
+                ok = not unseen
+            elif name == "decodes":  # the stream adds up to the whole decode, with no broken characters (only the
+                # last one may be cut off by the length limit: it stays held back until the flush)
+                ok = result.sample == tokenizer.decode(ids) and "\ufffd" not in streamed
+            elif name == "length":
+                ok = len(ids) == settings.max_new_tokens
+            elif name == "deterministic":
+                ok = list(settings.sample(model, prompt_ids)) == ids
+            elif name == "cache_equal":
+                n = min(CHECK_TOKENS, settings.max_new_tokens)
+                ok = greedy(n, kv_cache=True) == greedy(n, kv_cache=False)
+            else:  # greedy_equal: this case's settings (e.g. top-k 1) must pick what greedy picks
+                ok = ids == greedy(settings.max_new_tokens, settings.kv_cache)
+            result.checks[name] = ok
+        if case.continuation:
+            result.loss = continuation_loss(model, prompt_ids, tokenizer.encode(case.continuation))
+    except Exception as error:  # any failure is this case's, reported in its row
+        result.error = f"{type(error).__name__}: {error}"
+        result.checks = {name: ok if ok is not None else False for name, ok in result.checks.items()}
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def run_cases(
+    model: GPT, tokenizer: Tokenizer, cases: list[Case] | None = None, progress: bool = False
+) -> list[CaseResult]:
+    """Run the cases (default: inference_cases.json) on the model's device; the model's train/eval mode is kept."""
+    cases = load_cases() if cases is None else cases
+    was_training = model.training
+    model.eval()  # no dropout in the samples or the held-out loss
+    results = []
+    for i, case in enumerate(cases, 1):
+        results.append(run_case(model, tokenizer, case))
+        if progress:
+            r = results[-1]
+            print(f"case {i:>2}/{len(cases)} {case.name}: {r.passed}/{r.total} checks, {r.seconds:.1f}s", flush=True)
+    model.train(was_training)
+    return results
+
+
+def format_table(results: list[CaseResult], sample_width: int = 60) -> str:
+    """One row per case (name, checks passed, held-out loss, the sample's start), then a summary and the failures."""
+    width = max(len("case"), *(len(r.name) for r in results))
+    lines = [f"{'case':<{width}}  {'checks':<6}  {'loss':>6}  sample", "-" * (width + 24 + sample_width)]
+    for r in results:
+        checks = f"{r.passed}/{r.total}"
+        loss = f"{r.loss:6.3f}" if r.loss is not None else f"{'-':>6}"
+        sample = json.dumps(r.sample, ensure_ascii=False)[1:-1]  # newlines as \n, so each case keeps one line
+        if len(sample) > sample_width:
+            sample = sample[: sample_width - 3] + "..."
+        lines.append(f"{r.name:<{width}}  {checks:<6}  {loss}  {sample}")
+    passed, total = sum(r.passed for r in results), sum(r.total for r in results)
+    losses = [r.loss for r in results if r.loss is not None]
+    summary = f"{len(results)} cases: {passed}/{total} checks passed"
+    if losses:
+        summary += f"; mean held-out loss {sum(losses) / len(losses):.3f} over {len(losses)} cases"
+    lines += ["-" * (width + 24 + sample_width), summary]
+    for r in results:
+        if r.failed:
+            lines.append(f"FAILED {r.name}: {', '.join(r.failed)}" + (f" ({r.error})" if r.error else ""))
+        elif r.error:
+            lines.append(f"error in {r.name}: {r.error}")
+    return "\n".join(lines)

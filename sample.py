@@ -1,0 +1,162 @@
+"""Talk to a trained model: `uv run sample.py --checkpoint models/<run> --prompt "ROMEO:"`.
+
+Loads a checkpoint (a step_* folder, or a run folder's latest), then streams each sample to the terminal as the
+tokens come. With the KV cache (unless --kv_cache False) each new token costs one position. When the text outgrows
+the model's context_len, generation goes on by re-encoding: the window restarts from the last context_len // 2
+tokens, which are encoded afresh into a new cache (model.generate). With --cases it runs the inference cases of
+inference_cases.json instead and prints a table: checks passed, held-out loss, the sample.
+Bad input is one `error: ...` line on stderr and exit status 2; --cases exits 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from checkpoint import load_checkpoint
+from config import UserError, _OneLineParser, _parser_for
+from inference import CASES_PATH, Settings, StreamDecoder, encode_prompt, format_table, load_cases, run_cases
+from model import GPT
+from utils import Tokenizer, resolve_device, tokenizer_from_dict
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(  # raises UserError instead of printing the usage block and exiting
+        prog="sample.py",
+        description="Sample from a checkpoint, or run the inference cases. Flags take --flag value or --flag=value.",
+        allow_abbrev=False,
+    )
+    integer, number, boolean = _parser_for(int, False), _parser_for(float, False), _parser_for(bool, False)
+    default = Settings()  # the sampling defaults live in one place
+    add = parser.add_argument
+    add("--checkpoint", required=True, help="a step_* checkpoint folder, or a run folder (uses its latest)")
+    add("--prompt", default="", help="text to continue (empty: start from the tokenizer's start token)")
+    add("--prompt_file", help="read the prompt from this UTF-8 file instead")
+    add(
+        "--max_new_tokens",
+        type=integer,
+        default=default.max_new_tokens,
+        help="tokens per sample (default: %(default)s)",
+    )
+    add("--temperature", type=number, default=default.temperature, help="0 = greedy (default: %(default)s)")
+    add(
+        "--top_k",
+        type=_parser_for(int, True),
+        default=default.top_k,
+        help="the k likeliest ids; None = all (default: %(default)s)",
+    )
+    add(
+        "--top_p",
+        type=_parser_for(float, True),
+        default=default.top_p,
+        help="the likeliest ids up to this mass (default: %(default)s)",
+    )
+    add("--num_samples", type=integer, default=1, help="samples, one after another (default: %(default)s)")
+    add("--seed", type=integer, default=default.seed, help="same seed, same samples (default: %(default)s)")
+    add("--kv_cache", type=boolean, default=default.kv_cache, help="cache keys and values (default: %(default)s)")
+    add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda, then mps, then cpu")
+    add("--cases", type=boolean, nargs="?", const=True, default=False, help="run the inference cases instead")
+    add("--cases_file", default=str(CASES_PATH), help="with --cases: the cases to run (default: inference_cases.json)")
+    add("--out", help="with --cases: also write the results as JSON here")
+    return parser
+
+
+def load_model(checkpoint: str, device_name: str) -> tuple[GPT, Tokenizer]:
+    device = resolve_device(device_name)
+    if not Path(checkpoint).exists():
+        raise UserError(
+            f"--checkpoint {checkpoint} does not exist; pass a step_* folder or a run folder (models/<run>)"
+        )
+    model, tokenizer_dict, _ = load_checkpoint(checkpoint, device)
+    try:
+        tokenizer = tokenizer_from_dict(tokenizer_dict)
+    except (KeyError, TypeError):
+        raise UserError(f"checkpoint {checkpoint} has a damaged tokenizer.json; use an earlier step_* folder") from None
+    return model.eval(), tokenizer
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file is None:
+        return args.prompt
+    if args.prompt:
+        raise UserError("give --prompt or --prompt_file, not both")
+    try:
+        return Path(args.prompt_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read --prompt_file {args.prompt_file}: {error}") from None
+
+
+def sample(args: argparse.Namespace) -> int:
+    settings = Settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, args.kv_cache)
+    if args.num_samples <= 0:
+        raise UserError(f"--num_samples must be a positive integer, got {args.num_samples}")
+    prompt = read_prompt(args)  # before the model loads, so a bad flag fails fast
+    model, tokenizer = load_model(args.checkpoint, args.device)
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    if len(prompt_ids) > model.cfg.context_len:
+        print(
+            f"note: the prompt is {len(prompt_ids)} tokens, more than context_len {model.cfg.context_len}; "
+            "the model sees its end",
+            file=sys.stderr,
+        )
+    # one generator for all samples: they differ from each other, and the same seed repeats the whole run
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(settings.seed)
+    for i in range(args.num_samples):
+        stream = StreamDecoder(tokenizer)
+        sys.stdout.write(prompt)
+        started, count = time.perf_counter(), 0
+        for token_id in settings.sample(model, prompt_ids, generator):
+            sys.stdout.write(stream.feed(token_id))
+            sys.stdout.flush()
+            count += 1
+        sys.stdout.write(stream.flush() + "\n" + "-" * 40 + "\n")
+        sys.stdout.flush()
+        seconds = time.perf_counter() - started
+        print(
+            f"[sample {i + 1}/{args.num_samples}: {count} tokens in {seconds:.1f}s, {count / seconds:.1f} tok/s, "
+            f"kv cache {'on' if settings.kv_cache else 'off'}]",
+            file=sys.stderr,
+            flush=True,
+        )
+    return 0
+
+
+def cases(args: argparse.Namespace) -> int:
+    case_list = load_cases(args.cases_file)
+    model, tokenizer = load_model(args.checkpoint, args.device)
+    results = run_cases(model, tokenizer, case_list, progress=True)
+    print(format_table(results))
+    if args.out:
+        payload = {
+            "checkpoint": args.checkpoint,
+            "cases_file": args.cases_file,
+            "results": [r.to_dict() for r in results],
+        }
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        except OSError as error:
+            raise UserError(f"cannot write --out {args.out}: {error}") from None
+        print(f"results written to {args.out}")
+    return 1 if any(r.failed for r in results) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return cases(args) if args.cases else sample(args)
+    except UserError as error:
+        print(f"error: {str(error).removeprefix('argument ')}", file=sys.stderr)  # argparse's prefix says nothing
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C while streaming: stop quietly
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
