@@ -73,6 +73,7 @@ class Config:
     wandb_enabled: bool = _flag(False, "log to Weights & Biases (WANDB_API_KEY, WANDB_PROJECT, WANDB_ENTITY from .env)")
     num_samples: int = _flag(2, "samples generated at the end of training (0 = none)")
     sample_tokens: int = _flag(200, "tokens per end-of-training sample")
+    run_cases: bool = _flag(False, "run the 20 inference cases (inference_cases.json) at the end of training")
     # checkpoints
     save_model: bool = _flag(False, "save checkpoints into <save_model_dir>/<run>/")
     save_model_dir: str = _flag("models", "folder for checkpoints")

@@ -43,6 +43,7 @@ from data import (
     to_device,
     token_fingerprint,
 )
+from inference import format_table, run_cases
 from model import GPT, generate
 from optimizer import build_optimizers, lr_multiplier, set_lr
 from records import RunRecorder, default_run_name
@@ -379,6 +380,9 @@ def train(cfg: Config) -> dict[str, Any]:
             )
             samples.append(tokenizer.decode(ids))
             print(f"[sample {i + 1}]\n{samples[-1].strip()}\n", flush=True)
+    case_results = run_cases(unwrap(model), tokenizer, progress=True) if cfg.run_cases and not stopped_by else []
+    if case_results:
+        print(format_table(case_results), flush=True)
 
     summary = {
         "run": recorder.name,
@@ -393,6 +397,7 @@ def train(cfg: Config) -> dict[str, Any]:
         "run_dir": str(recorder.dir),
         "checkpoint": str(last_ckpt) if last_ckpt else None,
         "samples": samples,
+        "cases": [r.to_dict() for r in case_results],
     }
     if stopped_by:
         return summary

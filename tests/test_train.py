@@ -236,9 +236,12 @@ def test_tiny_shakespeare_char_learns(tmp_path, shakespeare_path):
         eval_every=50,
         eval_steps=4,
         log_every=25,
+        run_cases=True,
     )
     summary = train.train(cfg)
     assert summary["final_val_loss"] < 2.7 < math.log(65)
+    assert len(summary["cases"]) == 20  # --run_cases ran the whole suite at the end
+    assert all(not [name for name, ok in case["checks"].items() if ok is False] for case in summary["cases"])
     records = read_metrics(tmp_path / "runs" / "shakespeare")
     assert records[0]["loss"] > records[-2]["loss"]
 
