@@ -9,6 +9,8 @@ A checkpoint folder is written under a temporary name, fsynced and renamed into 
 is enough to sample (weights, config, tokenizer) or resume (plus optimizer state, RNG states and the loop's
 state in state.json). Checkpoints are written only between optimizer steps, so there is never a partial
 gradient-accumulation to save: a resumed run starts its next step at micro-batch 0, as the original did.
+Under torchrun rank 0 alone writes (rng.pt then also holds the other ranks' generators under "ranks") and every
+rank loads.
 """
 
 from __future__ import annotations
@@ -263,6 +265,15 @@ def load_rng_state(folder: Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {folder} has no rng.pt: it can be sampled from, not resumed") from None
     except Exception as error:  # as in load_optimizer_state
         raise _damaged(folder, error, "rng.pt") from None
+
+
+def rank_rng_state(state: dict[str, Any], rank: int) -> dict[str, Any] | None:
+    """One rank's generators from rng.pt: rank 0's at the top level, the others' in its list "ranks"; None for a
+    rank the saving job did not have."""
+    if rank == 0:
+        return state
+    others = state.get("ranks", [])
+    return others[rank - 1] if rank <= len(others) else None
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

@@ -151,23 +151,39 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 class TrainBatches:
     """Epochs over the training tokens: each epoch cuts them into non-overlapping windows at a random offset and
     visits the windows in a random order, so an epoch is one pass over (almost) every token. The order depends
-    only on (seed, epoch), so (epoch, position) is the whole state of the iterator."""
+    only on (seed, epoch), so (epoch, position) is the whole state of the iterator.
 
-    def __init__(self, tokens: torch.Tensor, batch_size: int, context_len: int, seed: int, device: torch.device):
+    With several ranks (torchrun) every rank walks the same order in global batches of batch_size x world_size
+    windows and takes rows [rank * batch_size, (rank + 1) * batch_size) of each: W ranks see exactly the windows
+    that one rank sees with W times the accumulation, and the position means the same on any number of ranks."""
+
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        batch_size: int,
+        context_len: int,
+        seed: int,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.tokens, self.batch_size, self.context_len = tokens, batch_size, context_len
-        self.seed, self.device = seed, device
+        self.seed, self.device, self.rank, self.world_size = seed, device, rank, world_size
+        self.global_batch = batch_size * world_size
         self.epoch, self.position = 0, 0
         self.windows_per_epoch = (len(tokens) - 1 - (context_len - 1)) // context_len
-        if self.windows_per_epoch < batch_size:
+        if self.windows_per_epoch < self.global_batch:
+            ranks = f" x {world_size} ranks" if world_size > 1 else ""
             raise UserError(
                 f"the training split holds {self.windows_per_epoch} windows of {context_len} tokens, fewer than "
-                f"--batch_size {batch_size}; use a smaller --batch_size or --context_len"
+                f"--batch_size {batch_size}{ranks}; use a smaller --batch_size or --context_len"
             )
         self._starts = self._epoch_starts()
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.windows_per_epoch // self.batch_size
+        """Micro-batches per epoch, counting one per rank-wide global batch."""
+        return self.windows_per_epoch // self.global_batch
 
     def _epoch_starts(self) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -176,11 +192,12 @@ class TrainBatches:
         return offset + order * self.context_len
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.position + self.batch_size > self.windows_per_epoch:
+        if self.position + self.global_batch > self.windows_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
             self._starts = self._epoch_starts()
-        starts = self._starts[self.position : self.position + self.batch_size]
-        self.position += self.batch_size
+        first = self.position + self.rank * self.batch_size  # this rank's rows of the global batch
+        starts = self._starts[first : first + self.batch_size]
+        self.position += self.global_batch
         x, y = gather_windows(self.tokens, starts, self.context_len)
         return to_device(x, self.device), to_device(y, self.device)
 

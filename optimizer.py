@@ -6,6 +6,8 @@ record runs: momentum 0.95 with Nesterov, 5 Newton-Schulz steps with coefficient
 and updates scaled by sqrt(max(1, rows / cols)) so tall matrices move as much per element as square ones.
 It is the simplest variant that earns its speed-up at small scale, and its learning rate is independent of
 width. Same-shape matrices are orthogonalised together in one batched matmul chain (fewer, larger kernels).
+Under torchrun the gradients arrive averaged by DDP, every rank keeps the same momenta, and the Newton-Schulz
+work is shared: each rank orthogonalises its slice of every same-shape stack, then all ranks gather the results.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 from collections import defaultdict
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from config import Config
@@ -44,6 +47,17 @@ def newton_schulz(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> to
     return (x.mT if tall else x).to(update.dtype)
 
 
+def sharded_newton_schulz(updates: torch.Tensor, steps: int, rank: int, world_size: int) -> torch.Tensor:
+    """newton_schulz of a stack (b, m, n) shared by all ranks: rank r orthogonalises matrices [r * k, (r + 1) * k)
+    of the stack zero-padded to k * world_size (zeros stay zeros), then one all-gather hands every rank all of them."""
+    share = math.ceil(len(updates) / world_size)
+    padded = torch.cat((updates, updates.new_zeros(share * world_size - len(updates), *updates.shape[1:])))
+    mine = newton_schulz(padded[rank * share : (rank + 1) * share], steps).bfloat16()  # exact: NS works in bf16
+    gathered = mine.new_empty(padded.shape)
+    dist.all_gather_into_tensor(gathered, mine)
+    return gathered[: len(updates)].to(updates.dtype)
+
+
 class Muon(torch.optim.Optimizer):
     """Momentum-orthogonalised SGD for 2-D weight matrices (see the module docstring)."""
 
@@ -65,6 +79,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self) -> None:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         for group in self.param_groups:
             by_shape: dict[torch.Size, list[nn.Parameter]] = defaultdict(list)
             for p in group["params"]:
@@ -78,7 +93,11 @@ class Muon(torch.optim.Optimizer):
                     updates = torch._foreach_lerp(grads, buffers, group["momentum"])  # g + m * (buf - g)
                 else:
                     updates = buffers
-                orthogonal = newton_schulz(torch.stack(updates), group["ns_steps"])
+                stack, steps = torch.stack(updates), group["ns_steps"]
+                if distributed:  # every rank holds the same updates (DDP averaged the gradients): share the work
+                    orthogonal = sharded_newton_schulz(stack, steps, dist.get_rank(), dist.get_world_size())
+                else:
+                    orthogonal = newton_schulz(stack, steps)
                 if group["weight_decay"]:
                     torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
                 scale = math.sqrt(max(1.0, shape[0] / shape[1]))

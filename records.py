@@ -1,5 +1,6 @@
 """The local record of a run: runs/<run>/config.json and metrics.jsonl (one JSON object per logged step), plus
-Weights & Biases when enabled. A resumed run continues its own record instead of starting a new one."""
+Weights & Biases when enabled. A resumed run continues its own record instead of starting a new one. Under
+torchrun only rank 0 keeps the record; the other ranks hold a disabled recorder that writes nothing."""
 
 from __future__ import annotations
 
@@ -23,7 +24,12 @@ class RunRecorder:
         info: dict[str, Any],
         resume_step: int | None = None,
         wandb_id: str | None = None,
+        enabled: bool = True,
     ):
+        self.metrics, self.wandb = None, None
+        if not enabled:  # another rank of a torchrun job: rank 0 keeps the record and talks to wandb
+            self.dir, self.name = Path(cfg.runs_dir) / run_name, run_name
+            return
         # a new run never overwrites another (name-2, name-3, ...); a resumed run writes into its own folder
         self.dir = unique_dir(Path(cfg.runs_dir), run_name) if resume_step is None else Path(cfg.runs_dir) / run_name
         self.name = self.dir.name
@@ -39,6 +45,8 @@ class RunRecorder:
         return getattr(self.wandb, "id", None)
 
     def log(self, record: dict[str, Any]) -> None:
+        if self.metrics is None:
+            return
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
         if self.wandb is not None:
@@ -49,7 +57,8 @@ class RunRecorder:
                 self.wandb = None
 
     def close(self) -> None:
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.wandb is not None:
             with contextlib.suppress(Exception):
                 self.wandb.finish()

@@ -2,22 +2,24 @@
 
 The loop wires the modules together: config -> data -> model -> optimizers -> steps, with evaluation, logs
 (console, runs/<run>/metrics.jsonl, optional wandb), checkpoints and a few samples at the end.
+Under `torchrun --nproc_per_node=N train.py ...` it trains data-parallel with DDP (README: multiple GPUs and nodes).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from checkpoint import (
     check_loop_state,
@@ -26,6 +28,7 @@ from checkpoint import (
     load_optimizer_state,
     load_rng_state,
     load_weights,
+    rank_rng_state,
     read_checkpoint,
     resolve_checkpoint,
     rng_state,
@@ -48,12 +51,16 @@ from model import GPT, generate
 from optimizer import build_optimizers, lr_multiplier, set_lr
 from records import RunRecorder, default_run_name
 from utils import (
+    Distributed,
+    StopSignals,
+    banner,
     check_writable,
     flops_per_token,
     format_duration,
+    format_line,
     human,
+    init_distributed,
     peak_flops,
-    resolve_device,
     resolve_dtype,
     seed_everything,
 )
@@ -101,55 +108,45 @@ class LossFunction:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], autocast, device) -> float:
-    """Mean loss per target token over the given batches. Eager on purpose: eval mode and the final partial
-    batch would each cost a recompilation, and evaluation is a small share of the time."""
+def evaluate(
+    model: torch.nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    autocast,
+    device: torch.device,
+    ctx: Distributed | None = None,
+) -> float:
+    """Mean loss per target token over the given batches; under torchrun each rank takes every world_size-th batch
+    and the sums are added up. Eager on purpose: eval mode and the final partial batch would each cost a
+    recompilation, and evaluation is a small share of the time. `model` is the plain one, never DDP's wrapper."""
+    ctx = ctx or Distributed()
     model.eval()
     total, count = 0.0, 0
-    for x, y in batches:
+    for x, y in batches[ctx.rank :: ctx.world_size]:
         x, y = to_device(x, device), to_device(y, device)
         with autocast():
             total += cross_entropy(model, x, y, reduction="sum").item()
         count += int((y != -1).sum())
     model.train()
+    total, count = ctx.all_reduce(total, count)
     return total / count
-
-
-def banner(cfg: Config, lines: dict[str, str]) -> None:
-    width = max(len(k) for k in lines)
-    print("=" * 78)
-    for key, value in lines.items():
-        print(f"{key:>{width}} : {value}")
-    print("=" * 78, flush=True)
-
-
-class StopSignals:
-    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step; a second one stops at once."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum  # nothing printed here: the handler may have interrupted a print
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def train(cfg: Config) -> dict[str, Any]:
     """Run one training job end to end, or continue one with --resume; returns a summary (losses, timings, where
-    things went). Stops early on SIGINT/SIGTERM (summary["stopped_by"]) after saving when saving is on."""
-    device = resolve_device(cfg.device)
+    things went). Stops early on SIGINT/SIGTERM (summary["stopped_by"]) after saving when saving is on. Under
+    torchrun this process is one rank of a DDP job; rank 0 alone prints, records and saves."""
+    ctx, device = init_distributed(cfg.device)
+    with contextlib.ExitStack() as stack:
+        stack.callback(ctx.close)
+        if not ctx.is_main:  # one console for the job (errors still reach stderr)
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        summary = run(cfg, ctx, device)
+        ctx.barrier()  # leave together: no rank tears down its connections while rank 0 still saves
+        return summary
+
+
+def run(cfg: Config, ctx: Distributed, device: torch.device) -> dict[str, Any]:
+    """train() for this process, given its place in the job."""
     dtype = resolve_dtype(cfg.dtype, device)
     resume = resolve_checkpoint(cfg.resume) if cfg.resume else None
     check_writable(cfg.runs_dir, "--runs_dir")
@@ -172,7 +169,9 @@ def train(cfg: Config) -> dict[str, Any]:
     data_id = token_fingerprint(train_ids, val_ids)
     model = GPT(cfg, tokenizer.vocab_size).to(device)
     optimizers = build_optimizers(model, cfg)
-    batches = TrainBatches(train_ids, cfg.batch_size, cfg.context_len, cfg.seed, device)
+    batches = TrainBatches(train_ids, cfg.batch_size, cfg.context_len, cfg.seed, device, ctx.rank, ctx.world_size)
+    if ctx.rank:  # its own dropout masks; rank 0 keeps the single-process stream (resume restores each rank's own)
+        torch.manual_seed(cfg.seed + ctx.rank)
     start_step, train_seconds, eval_seconds, best_val, loss_total, loss_count = 0, 0.0, 0.0, math.inf, 0.0, 0
     if resume:  # everything but the RNGs, which are set last, after start-up has drawn from them
         compare_data(resume, saved_tokenizer, saved, tokenizer.to_dict(), data_id)
@@ -183,32 +182,43 @@ def train(cfg: Config) -> dict[str, Any]:
         start_step, train_seconds, eval_seconds = saved["step"], saved["train_seconds"], saved["eval_seconds"]
         best_val = math.inf if saved["best_val_loss"] is None else saved["best_val_loss"]
         loss_total, loss_count = saved["loss_sum"], saved["loss_count"]  # the log interval in progress
+        if saved.get("world_size", 1) != ctx.world_size:
+            changed.append(f"{ctx.world_size} ranks (was {saved.get('world_size', 1)})")
     steps_per_epoch = max(1, batches.batches_per_epoch // cfg.accumulation_steps)
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-    tokens_per_step = cfg.batch_size * cfg.context_len * cfg.accumulation_steps
+    tokens_per_step = cfg.batch_size * cfg.context_len * cfg.accumulation_steps * ctx.world_size  # all ranks
     val_fixed = fixed_val_batches(val_ids, cfg.batch_size, cfg.context_len, cfg.eval_steps)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
-    loss_fn = LossFunction(model, compile_it)
+    ddp = None
+    if ctx.active:  # DDP averages the gradients over ranks
+        ddp = DistributedDataParallel(model, [device] if device.type == "cuda" else None)
+        ddp.broadcast_buffers = False  # the buffers (rotary tables, vocab mask) are constants: no sync per forward
+    loss_fn = LossFunction(ddp or model, compile_it)
 
     params = model.num_params()
     step_flops = tokens_per_step * flops_per_token(
         params["non_embedding"], cfg.num_blocks, cfg.num_heads, cfg.head_dim, cfg.context_len
     )
-    peak, peak_source = peak_flops(device, dtype, cfg.peak_flops, CACHE_DIR)
+    peak, peak_source = peak_flops(device, dtype, cfg.peak_flops, CACHE_DIR) if ctx.is_main else (None, "")
+    if peak and ctx.active:  # MFU counts every rank's work, so it is against the peak of every device in use
+        peak, peak_source = peak * ctx.world_size, f"{ctx.world_size} x {peak_source}"
+    info = {"vocab_size": tokenizer.vocab_size, "params": params, "device": str(device), "world_size": ctx.world_size}
     recorder = RunRecorder(
         cfg,
         saved["run"] if resume else re.sub(r"[^\w.-]+", "-", cfg.run or "").strip("-") or default_run_name(),
-        {"vocab_size": tokenizer.vocab_size, "params": params, "device": str(device), "train_tokens": len(train_ids)},
+        {**info, "train_tokens": len(train_ids)},
         resume_step=start_step if resume else None,
         wandb_id=saved.get("wandb_id") if resume else None,
+        enabled=ctx.is_main,
     )
-    save_dir = resume.parent if resume else Path(cfg.save_model_dir) / recorder.name  # a resumed run saves beside
+    # a resumed run saves beside its checkpoint; a new one under the name rank 0 picked
+    save_dir = resume.parent if resume else Path(cfg.save_model_dir) / ctx.broadcast(recorder.name)
     banner(
-        cfg,
         {
             "run": f"{recorder.name}  (records in {recorder.dir})",
             **({"resume": f"{resume} at step {start_step}"} if resume else {}),
             "device": f"{device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else str(device),
+            "ranks": f"{ctx.world_size} processes ({ctx.backend}), batch {cfg.batch_size} each" if ctx.active else None,
             "dtype": f"{str(dtype).removeprefix('torch.')}, compile {'on' if compile_it else 'off'}",
             "model": f"{cfg.num_blocks} blocks x {cfg.num_heads} heads x {cfg.embedding_dim} dim, context {cfg.context_len}, "
             f"{cfg.pos_emb}, {cfg.activation}{', qk-norm' if cfg.qk_norm else ''}{', sink' if cfg.attn_sink else ''}",
@@ -217,7 +227,8 @@ def train(cfg: Config) -> dict[str, Any]:
             "data": f"{cfg.data_path}: {human(len(train_ids))} train / {human(len(val_ids))} val tokens, "
             f"tokenizer {cfg.tokenizer} ({tokenizer.vocab_size} ids)",
             "steps": f"{total_steps} x {tokens_per_step} tokens ({cfg.batch_size} x {cfg.context_len} x "
-            f"{cfg.accumulation_steps} accumulation) = {total_steps * tokens_per_step / len(train_ids):.2f} epochs",
+            f"{cfg.accumulation_steps} accumulation{f' x {ctx.world_size} ranks' if ctx.active else ''}) = "
+            f"{total_steps * tokens_per_step / len(train_ids):.2f} epochs",
             "optimizer": (
                 f"Muon lr {cfg.muon_lr} (hidden matrices) + AdamW lr {cfg.lr}" if cfg.use_muon else f"AdamW lr {cfg.lr}"
             )
@@ -234,10 +245,10 @@ def train(cfg: Config) -> dict[str, Any]:
         print(f"notice: the checkpoint is at step {start_step} of {total_steps}; raise --max_steps to train on")
 
     loss_fn.warm_up(*(to_device(t, device) for t in val_fixed[0]))
-    if resume:
-        set_rng_state(rng)
+    if resume and (mine := rank_rng_state(rng, ctx.rank)):  # (a rank the saving job lacked keeps its fresh seed)
+        set_rng_state(mine)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    last_ckpt, step, stopped_early, skipped_in_a_row = None, start_step, False, 0
+    last_ckpt, step, stopped_early, skipped_in_a_row, stop_signum = None, start_step, False, 0, 0
     interval_start, interval_steps = time.perf_counter(), 0
     loss_sum = torch.tensor(loss_total, device=device)  # summed step losses of the log interval, on the device
     first_bad = torch.zeros((), dtype=torch.long, device=device)  # first non-finite step; on the device: no sync
@@ -254,10 +265,14 @@ def train(cfg: Config) -> dict[str, Any]:
             raise diverged(f"the loss or gradient became non-finite at step {bad}")
 
     def save(step: int) -> Path:
-        """A checkpoint of everything needed to continue after `step`; never one of non-finite weights."""
+        """A checkpoint of everything needed to continue after `step`; never one of non-finite weights. Every rank
+        calls it (the ranks' random generators are gathered); rank 0 alone writes."""
         check_finite()
         if not torch.stack([torch.isfinite(p).all() for p in parameters]).all():
             raise diverged(f"the weights became non-finite by step {step} (an update too large); not saving them")
+        rngs = ctx.gather(rng_state(device))
+        if not ctx.is_main:
+            return save_dir / f"step_{step:06d}"
         state = {
             "run": recorder.name,
             "data": data_id,
@@ -268,10 +283,10 @@ def train(cfg: Config) -> dict[str, Any]:
             "loss_sum": loss_sum.item(),
             "loss_count": loss_count,
             "wandb_id": recorder.wandb_id,
+            "world_size": ctx.world_size,
         }
-        return save_checkpoint(
-            save_dir, step, model, tokenizer.to_dict(), optimizers, state, rng_state(device), cfg.keep_checkpoints
-        )
+        rng = {**rngs[0], "ranks": rngs[1:]} if ctx.active else rngs[0]
+        return save_checkpoint(save_dir, step, model, tokenizer.to_dict(), optimizers, state, rng, cfg.keep_checkpoints)
 
     with recorder, StopSignals() as signals:
         for step in range(start_step + 1, total_steps + 1):
@@ -280,12 +295,16 @@ def train(cfg: Config) -> dict[str, Any]:
             lr_mult = lr_multiplier(step - 1, total_steps, cfg, time_frac)
             set_lr(optimizers, lr_mult)
             step_loss = torch.zeros((), device=device)
-            for _ in range(cfg.accumulation_steps):
+            for micro in range(cfg.accumulation_steps):
                 x, y = batches.next_batch()
-                with autocast():
-                    loss = loss_fn(x, y) / cfg.accumulation_steps  # the mean over all micro-batches, like one big batch
-                loss.backward()
+                # DDP averages the gradients over ranks in the last micro-step's backward only
+                last = micro == cfg.accumulation_steps - 1
+                with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
+                    with autocast():
+                        loss = loss_fn(x, y) / cfg.accumulation_steps  # the mean over micro-batches, like one big batch
+                    loss.backward()
                 step_loss += loss.detach()
+            ctx.average_(step_loss)  # the loss of the whole step on every rank, so all ranks decide alike
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
             if cfg.skip_nonfinite and not finite.item():  # the flag costs one device sync per step
@@ -324,7 +343,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 }
                 if is_eval:
                     eval_start = time.perf_counter()
-                    record["val_loss"] = round(evaluate(model, val_fixed, autocast, device), 5)
+                    record["val_loss"] = round(evaluate(model, val_fixed, autocast, device, ctx), 5)
                     best_val = min(best_val, record["val_loss"])
                     eval_seconds += time.perf_counter() - eval_start
                 recorder.log(record)
@@ -336,19 +355,22 @@ def train(cfg: Config) -> dict[str, Any]:
             if cfg.save_model and cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
                 last_ckpt = save(step)
                 print(f"saved {last_ckpt}", flush=True)
+            # all ranks stop at the same step: on the first signal any of them got, by the slowest clock
+            stop_signum, train_seconds = ctx.all_reduce(signals.signum or 0, train_seconds, op="max")
             if cfg.time_budget_s and train_seconds >= cfg.time_budget_s:
                 stopped_early = step < total_steps
                 print(f"time budget of {cfg.time_budget_s:g}s reached at step {step}", flush=True)
                 break
-            if signals.signum:
+            if stop_signum:
                 break
 
         final_val = None
-        if not signals.signum:  # a signal skips the final evaluation: the user asked to stop
+        if not stop_signum:  # a signal skips the final evaluation: the user asked to stop
             check_finite()
             print(f"final evaluation on the whole validation split ({len(val_ids)} tokens) ...", flush=True)
             eval_start = time.perf_counter()
-            final_val = evaluate(model, full_val_batches(val_ids, cfg.batch_size, cfg.context_len), autocast, device)
+            final_batches = full_val_batches(val_ids, cfg.batch_size, cfg.context_len)
+            final_val = evaluate(model, final_batches, autocast, device, ctx)
             eval_seconds += time.perf_counter() - eval_start
             best_val = min(best_val, final_val)
             record = {
@@ -358,10 +380,11 @@ def train(cfg: Config) -> dict[str, Any]:
                 "elapsed_s": round(train_seconds, 3),
             }
             recorder.log(record)
-        if cfg.save_model and not (signals.signum and last_ckpt and last_ckpt.name == f"step_{step:06d}"):
+        if cfg.save_model and not (stop_signum and last_ckpt and last_ckpt.name == f"step_{step:06d}"):
             last_ckpt = save(step)  # (unless a signal came during a step that --save_every has just saved)
 
-    stopped_by = signal.Signals(signals.signum).name if signals.signum else None
+    signum = int(stop_signum) or signals.signum  # (one that came after the last step counts for the exit status)
+    stopped_by = signal.Signals(signum).name if signum else None
     samples = []
     if stopped_by:
         print(
@@ -371,7 +394,7 @@ def train(cfg: Config) -> dict[str, Any]:
             ),
             flush=True,
         )
-    elif cfg.num_samples:
+    elif cfg.num_samples and ctx.is_main:
         print(f"--- {cfg.num_samples} samples ---")
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         for i in range(cfg.num_samples):
@@ -380,7 +403,8 @@ def train(cfg: Config) -> dict[str, Any]:
             )
             samples.append(tokenizer.decode(ids))
             print(f"[sample {i + 1}]\n{samples[-1].strip()}\n", flush=True)
-    case_results = run_cases(unwrap(model), tokenizer, progress=True) if cfg.run_cases and not stopped_by else []
+    run_them = cfg.run_cases and not stopped_by and ctx.is_main
+    case_results = run_cases(unwrap(model), tokenizer, progress=True) if run_them else []
     if case_results:
         print(format_table(case_results), flush=True)
 
@@ -409,18 +433,6 @@ def train(cfg: Config) -> dict[str, Any]:
     print(f"final val loss {final_val:.4f} (whole split), best {best_val:.4f}")
     print(f"records: {recorder.dir}" + (f" | checkpoint: {last_ckpt}" if last_ckpt else ""))
     return summary
-
-
-def format_line(record: dict[str, Any], total_steps: int) -> str:
-    width = len(str(total_steps))
-    line = (
-        f"step {record['step']:>{width}}/{total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-        f"grad {record['grad_norm']:6.3f} | {record['step_ms']:7.1f} ms/step | {human(record['tok_per_s']):>6} tok/s | "
-        + (f"MFU {100 * record['mfu']:4.1f}%" if record["mfu"] is not None else "MFU  n/a")
-    )
-    if "val_loss" in record:
-        line += f" | val {record['val_loss']:.4f}"
-    return line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,19 +1,25 @@
-"""Small shared helpers: tokenizers, device and dtype choice, seeding, console formatting."""
+"""Small shared helpers: tokenizers, device and dtype choice, torchrun processes, seeding, console formatting."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import json
+import os
 import platform
 import random
+import signal
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from config import UserError
 
@@ -136,6 +142,122 @@ def check_writable(folder: str | Path, flag: str) -> None:
         ) from None
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Processes: stopping on signals, and several processes (torchrun starts one per device and sets RANK,
+# WORLD_SIZE and LOCAL_RANK)
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum  # nothing printed here: the handler may have interrupted a print
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job; rank 0 of 1, making no torch.distributed calls, without torchrun."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    backend: str | None = None  # "nccl" or "gloo" once a process group is up
+    control: Any = None  # a gloo group for small CPU-side agreements, so they never wait on the GPU (None: default)
+    owned: bool = False  # this process started the process group, so it ends it
+
+    @property
+    def active(self) -> bool:
+        return self.backend is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def average_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks, in place on the tensor's device (queued, not waited for, on NCCL)."""
+        if self.active:
+            dist.all_reduce(tensor)
+            tensor /= self.world_size
+        return tensor
+
+    def all_reduce(self, *values: float, op: str = "sum") -> list[float]:
+        """The sum (or "max") of each number over all ranks; the numbers as they are in one process."""
+        if not self.active:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.control)
+        return tensor.tolist()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (a picklable object)."""
+        if not self.active:
+            return obj
+        objects = [obj]
+        dist.broadcast_object_list(objects, src=0, group=self.control)
+        return objects[0]
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj` in rank order on rank 0; None on the others."""
+        if not self.active:
+            return [obj]
+        objects = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, objects, dst=0, group=self.control)
+        return objects
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier(group=self.control)
+
+    def close(self) -> None:
+        if self.owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_distributed(device_name: str) -> tuple[Distributed, torch.device]:
+    """Join the torchrun job this process belongs to (NCCL and one GPU per local rank on CUDA, gloo on the CPU);
+    without torchrun's variables, a single process on resolve_device's choice."""
+    device = resolve_device(device_name)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Distributed(), device
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible); "
+                "start at most one process per GPU (--nproc_per_node)"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UserError(f"torchrun needs CUDA (NCCL) or the CPU (gloo), not {device.type}; use --device cpu")
+    # torch._dynamo keeps references to a process group that exists when it is first imported (AdamW imports it):
+    # the group would then outlive destroy_process_group, and its threads can abort the interpreter's exit
+    importlib.import_module("torch._dynamo")
+    owned = not dist.is_initialized()
+    if owned:
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    backend = dist.get_backend()
+    control = dist.new_group(backend="gloo") if backend != "gloo" else None
+    return Distributed(dist.get_rank(), local_rank, dist.get_world_size(), backend, control, owned), device
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -158,6 +280,29 @@ def format_duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def banner(lines: dict[str, str | None]) -> None:
+    """The start-of-run summary, one aligned `key : value` line each (None values are left out)."""
+    lines = {k: v for k, v in lines.items() if v is not None}
+    width = max(len(k) for k in lines)
+    print("=" * 78)
+    for key, value in lines.items():
+        print(f"{key:>{width}} : {value}")
+    print("=" * 78, flush=True)
+
+
+def format_line(record: dict[str, Any], total_steps: int) -> str:
+    """One logged step for the console: step, loss, lr, grad norm, ms/step, tok/s, MFU and val loss if any."""
+    width = len(str(total_steps))
+    line = (
+        f"step {record['step']:>{width}}/{total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+        f"grad {record['grad_norm']:6.3f} | {record['step_ms']:7.1f} ms/step | {human(record['tok_per_s']):>6} tok/s | "
+        + (f"MFU {100 * record['mfu']:4.1f}%" if record["mfu"] is not None else "MFU  n/a")
+    )
+    if "val_loss" in record:
+        line += f" | val {record['val_loss']:.4f}"
+    return line
 
 
 # ----------------------------------------------------------------------------------------------------------------
