@@ -2,7 +2,7 @@
 
 The loop wires the modules together: config -> data -> model -> optimizers -> steps, with evaluation, logs
 (console, runs/<run>/metrics.jsonl, optional wandb), checkpoints and a few samples at the end.
-Under `torchrun --nproc_per_node=N train.py ...` it trains data-parallel with DDP (README: multiple GPUs and nodes).
+Under `torchrun --nproc_per_node=N -- train.py ...` it trains data-parallel with DDP (README: multiple GPUs and nodes).
 """
 
 from __future__ import annotations
