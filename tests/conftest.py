@@ -137,3 +137,12 @@ def synthetic_text(num_chars: int = 20_000, seed: int = 0) -> str:
         out.append(line)
         size += len(line)
     return "".join(out)[:num_chars]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run several times faster on one thread, and far faster on a CPU other processes share."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
