@@ -171,44 +171,30 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
+# nanoGPT's Shakespeare-char CPU recipe shape (its README): 4x4x128, context 64, batch 12, 2000 steps, no dropout.
+_NANOGPT_CPU: dict[str, Any] = dict(
+    tokenizer="char",
+    num_blocks=4,
+    num_heads=4,
+    embedding_dim=128,
+    context_len=64,
+    batch_size=12,
+    accumulation_steps=1,
+    max_steps=2000,
+    warmup_steps=50,
+    lr=2e-3,
+    muon_lr=0.03,
+    eval_every=250,
+    eval_steps=20,
+    log_every=50,
+    dropout=0.0,
+)
+
 # Named sets of defaults. Explicit flags override them; the dataclass defaults above are the GPU defaults.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The README's first run: a character-level model that writes Shakespeare-like text in a few CPU minutes.
-    "cpu": dict(
-        tokenizer="char",
-        num_blocks=4,
-        num_heads=4,
-        embedding_dim=128,
-        context_len=128,
-        batch_size=12,
-        accumulation_steps=1,
-        max_steps=1500,
-        warmup_steps=50,
-        lr=2e-3,
-        muon_lr=0.03,
-        eval_every=250,
-        eval_steps=20,
-        log_every=100,
-        sample_tokens=300,
-    ),
-    # nanoGPT's Shakespeare-char CPU recipe shape (its README): 4x4x128, context 64, batch 12, 2000 steps, no dropout.
-    "nanogpt-cpu": dict(
-        tokenizer="char",
-        num_blocks=4,
-        num_heads=4,
-        embedding_dim=128,
-        context_len=64,
-        batch_size=12,
-        accumulation_steps=1,
-        max_steps=2000,
-        warmup_steps=50,
-        lr=2e-3,
-        muon_lr=0.03,
-        eval_every=250,
-        eval_steps=20,
-        log_every=50,
-        dropout=0.0,
-    ),
+    # The README's first run: the nanoGPT shape with twice the context, writing Shakespeare-like text in ~3 CPU minutes.
+    "cpu": {**_NANOGPT_CPU, "context_len": 128, "max_steps": 1500, "log_every": 100, "sample_tokens": 300},
+    "nanogpt-cpu": _NANOGPT_CPU,
 }
 
 
