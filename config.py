@@ -86,7 +86,9 @@ class Config:
     # system
     device: str = _flag("auto", "auto picks cuda, then mps, then cpu", ("auto", "cpu", "cuda", "mps"))
     dtype: str = _flag(
-        "auto", "autocast dtype: auto = bfloat16 on CUDA, float32 elsewhere", ("auto", "float32", "bfloat16", "float16")
+        "auto",
+        "autocast dtype: auto = bfloat16 on CUDA and on compiled CPUs with native bf16, else float32",
+        ("auto", "float32", "bfloat16", "float16"),
     )
     torch_compile: bool = _flag(True, "compile the model with torch.compile (falls back to eager if it fails)")
     peak_flops: float | None = _flag(None, "peak FLOP/s of one device for MFU (default: GPU table or a CPU probe)")

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from config import Config
 
@@ -38,6 +39,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """F.scaled_dot_product_attention; compiled on a CPU it takes the math path, which inductor fuses into the
+    surrounding kernels (the CPU flash kernel is slower at small heads, and 3x slower backward in bf16)."""
+    if q.device.type == "cpu" and torch.compiler.is_compiling():
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 def attention_with_sink(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
     """Causal softmax attention whose denominator also holds exp(sink[h]), so weights may sum to less than one.
 
@@ -53,7 +63,7 @@ def attention_with_sink(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink:
     """
     tq, tk = q.size(-2), k.size(-2)
     if sink is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=tq > 1)
+        return sdpa(q, k, v, is_causal=tq > 1)
     b, h, _, d = q.shape
     extra = 1 if q.device.type != "cuda" else 8 - d % 8
     scale = d**-0.5
@@ -72,10 +82,10 @@ def attention_with_sink(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink:
     v_ext = torch.cat((v.new_zeros(b, h, 1, d + extra), widen(v, 0.0)), dim=2)
     q_ext = widen(q, 1.0)
     if tq == 1:  # decoding: the one query sees every cached key, no mask needed
-        return F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=scale)[..., :d]
+        return sdpa(q_ext, k_ext, v_ext, scale=scale)[..., :d]
     assert tq == tk, "multi-token queries must cover the whole key sequence"
     q_ext = torch.cat((q_ext.new_zeros(b, h, 1, d + extra), q_ext), dim=2)
-    out = F.scaled_dot_product_attention(q_ext, k_ext, v_ext, is_causal=True, scale=scale)
+    out = sdpa(q_ext, k_ext, v_ext, is_causal=True, scale=scale)
     return out[:, :, 1:, :d]
 
 
@@ -95,10 +105,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = q.float(), k.float()  # norms and rotations in fp32 (under autocast qkv comes out in bf16)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = q.type_as(v), k.type_as(v)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         y = attention_with_sink(q, k, v, self.sink)

@@ -85,15 +85,18 @@ class LossFunction:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.fn(self.model, x, y)
 
-    def warm_up(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Compile forward and backward now (outside the timed loop), falling back to eager on any failure."""
+    def warm_up(self, x: torch.Tensor, y: torch.Tensor, autocast) -> None:
+        """Compile forward and backward now (outside the timed loop), falling back to eager on any failure.
+        Under the loop's autocast: a change of autocast state would recompile at the first step."""
         if not self.compiled:
             return
         print("compiling the model (the first step takes a while) ...", flush=True)
         started = time.perf_counter()
         try:
             with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-                self(x, y).backward()
+                with autocast():
+                    loss = self(x, y)
+                loss.backward()
         except Exception as error:  # any compiler failure: training must go on
             message = str(error).strip().splitlines()[0] if str(error).strip() else ""
             print(
@@ -147,7 +150,6 @@ def train(cfg: Config) -> dict[str, Any]:
 
 def run(cfg: Config, ctx: Distributed, device: torch.device) -> dict[str, Any]:
     """train() for this process, given its place in the job."""
-    dtype = resolve_dtype(cfg.dtype, device)
     resume = resolve_checkpoint(cfg.resume) if cfg.resume else None
     check_writable(cfg.runs_dir, "--runs_dir")
     if cfg.save_model:
@@ -162,6 +164,7 @@ def run(cfg: Config, ctx: Distributed, device: torch.device) -> dict[str, Any]:
     if compile_it and device.type == "mps":
         print("notice: torch.compile is off on MPS (not yet reliable there)")
         compile_it = False
+    dtype = resolve_dtype(cfg.dtype, device, compile_it)
 
     if device.type == "cpu" and cfg.preset is None and cfg.embedding_dim * cfg.context_len >= 512 * 1024:
         print("notice: these are the GPU-sized defaults and will be slow on a CPU; try --preset cpu", flush=True)
@@ -244,7 +247,7 @@ def run(cfg: Config, ctx: Distributed, device: torch.device) -> dict[str, Any]:
     if start_step >= total_steps:
         print(f"notice: the checkpoint is at step {start_step} of {total_steps}; raise --max_steps to train on")
 
-    loss_fn.warm_up(*(to_device(t, device) for t in val_fixed[0]))
+    loss_fn.warm_up(*(to_device(t, device) for t in val_fixed[0]), autocast)
     if resume and (mine := rank_rng_state(rng, ctx.rank)):  # (a rank the saving job lacked keeps its fresh seed)
         set_rng_state(mine)
     parameters = [p for p in model.parameters() if p.requires_grad]

@@ -120,10 +120,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype: bf16 on CUDA by default; fp32 elsewhere (CPU autocast is slower for small models)."""
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls at about twice the fp32 rate (elsewhere bf16 is emulated and slower)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_dtype(name: str, device: torch.device, compiled: bool = False) -> torch.dtype:
+    """The autocast dtype. auto: bf16 on CUDA; on a CPU, bf16 when compiled on a CPU with native bf16 matmuls
+    (measured 36 vs 49 ms/step at --preset nanogpt-cpu, same loss), else fp32 (eager CPU attention is slow in bf16)."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if device.type == "cpu" and compiled and cpu_has_native_bf16() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 

@@ -250,6 +250,7 @@ def test_tiny_shakespeare_char_learns(tmp_path, shakespeare_path):
 def test_torch_compile_trains_like_eager(tmp_path, capsys):
     data_path = write_text(tmp_path / "text.txt", synthetic_text(5_000))
     common = dict(num_blocks=1, embedding_dim=32, context_len=16, batch_size=4, max_steps=3, log_every=1)
+    common["dtype"] = "float32"  # like for like: auto may pick bf16 for compiled CPU runs
     compiled = train.train(run_config(tmp_path, data_path, run="compiled", torch_compile=True, **common))
     out = capsys.readouterr().out
     assert "compiled in" in out and "torch.compile failed" not in out, out
@@ -259,3 +260,16 @@ def test_torch_compile_trains_like_eager(tmp_path, capsys):
     assert len(compiled_losses) == 4
     assert compiled_losses[:-1] == pytest.approx(eager_losses[:-1], rel=1e-3)
     assert compiled["final_val_loss"] == pytest.approx(eager["final_val_loss"], rel=1e-3)
+
+
+@pytest.mark.compile
+def test_warm_up_compiles_what_the_first_step_runs(tmp_path):
+    """The warm-up compiles under the loop's autocast: the timed steps never compile again."""
+    from torch._dynamo.utils import counters
+
+    data_path = write_text(tmp_path / "text.txt", synthetic_text(5_000))
+    torch._dynamo.reset()
+    counters.clear()
+    common = dict(num_blocks=1, embedding_dim=32, context_len=16, batch_size=4, max_steps=3, log_every=1)
+    train.train(run_config(tmp_path, data_path, run="bf16", torch_compile=True, dtype="bfloat16", **common))
+    assert counters["stats"]["unique_graphs"] == 1

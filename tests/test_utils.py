@@ -99,6 +99,9 @@ def test_resolve_device_auto_and_cpu(monkeypatch):
 def test_resolve_dtype():
     cpu = torch.device("cpu")
     assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("auto", cpu, compiled=False) == torch.float32  # eager CPU attention is slow in bf16
+    native = torch.bfloat16 if utils.cpu_has_native_bf16() else torch.float32
+    assert resolve_dtype("auto", cpu, compiled=True) == native
     assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
     assert resolve_dtype("float16", cpu) == torch.float16
     assert resolve_dtype("float32", cpu) == torch.float32
