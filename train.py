@@ -48,7 +48,7 @@ from data import (
 )
 from inference import format_table, run_cases
 from model import GPT, generate
-from optimizer import build_optimizers, lr_multiplier, set_lr
+from optimizer import Muon, build_optimizers, lr_multiplier, set_lr
 from records import RunRecorder, default_run_name
 from utils import (
     Distributed,
@@ -171,7 +171,7 @@ def run(cfg: Config, ctx: Distributed, device: torch.device) -> dict[str, Any]:
     tokenizer, train_ids, val_ids = load_dataset(cfg)
     data_id = token_fingerprint(train_ids, val_ids)
     model = GPT(cfg, tokenizer.vocab_size).to(device)
-    optimizers = build_optimizers(model, cfg)
+    optimizers = build_optimizers(model, cfg, compile_it)
     batches = TrainBatches(train_ids, cfg.batch_size, cfg.context_len, cfg.seed, device, ctx.rank, ctx.world_size)
     if ctx.rank:  # its own dropout masks; rank 0 keeps the single-process stream (resume restores each rank's own)
         torch.manual_seed(cfg.seed + ctx.rank)
@@ -247,6 +247,9 @@ def run(cfg: Config, ctx: Distributed, device: torch.device) -> dict[str, Any]:
     if start_step >= total_steps:
         print(f"notice: the checkpoint is at step {start_step} of {total_steps}; raise --max_steps to train on")
 
+    for optimizer in optimizers:  # compile now what the first step would compile, outside the timed loop
+        if isinstance(optimizer, Muon):
+            optimizer.warm_up()
     loss_fn.warm_up(*(to_device(t, device) for t in val_fixed[0]), autocast)
     if resume and (mine := rank_rng_state(rng, ctx.rank)):  # (a rank the saving job lacked keeps its fresh seed)
         set_rng_state(mine)

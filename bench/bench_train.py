@@ -38,7 +38,7 @@ def make_variant(cfg, vocab_size: int, device: torch.device, compiled: bool, dty
     """A model, its optimizers and a step function; returns (step, seconds spent compiling)."""
     torch.manual_seed(cfg.seed)
     model = GPT(cfg, vocab_size).to(device)
-    optimizers = build_optimizers(model, cfg)
+    optimizers = build_optimizers(model, cfg, compile=compiled)
     fn = torch.compile(loss_of) if compiled else loss_of
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
     generator = torch.Generator().manual_seed(0)

@@ -263,13 +263,22 @@ def test_torch_compile_trains_like_eager(tmp_path, capsys):
 
 
 @pytest.mark.compile
-def test_warm_up_compiles_what_the_first_step_runs(tmp_path):
-    """The warm-up compiles under the loop's autocast: the timed steps never compile again."""
+def test_warm_up_compiles_what_the_first_step_runs(tmp_path, monkeypatch):
+    """The warm-up compiles the loss (under the loop's autocast) and Muon's update: the timed steps never compile."""
     from torch._dynamo.utils import counters
 
+    graphs = {}
+    original = train.LossFunction.warm_up
+
+    def counting_warm_up(self, *args):  # the last thing before the loop
+        original(self, *args)
+        graphs["after_warm_up"] = counters["stats"]["unique_graphs"]
+
+    monkeypatch.setattr(train.LossFunction, "warm_up", counting_warm_up)
     data_path = write_text(tmp_path / "text.txt", synthetic_text(5_000))
     torch._dynamo.reset()
     counters.clear()
     common = dict(num_blocks=1, embedding_dim=32, context_len=16, batch_size=4, max_steps=3, log_every=1)
     train.train(run_config(tmp_path, data_path, run="bf16", torch_compile=True, dtype="bfloat16", **common))
-    assert counters["stats"]["unique_graphs"] == 1
+    assert graphs["after_warm_up"] == 1 + 4  # the loss, and Muon's update for each of the 4 matrix shapes
+    assert counters["stats"]["unique_graphs"] == graphs["after_warm_up"]

@@ -1,0 +1,47 @@
+"""The learning-speed benchmark: its curve arithmetic and one tiny end-to-end run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from conftest import REPO, synthetic_text, write_text
+
+
+def load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seconds_to_reach_interpolates_between_evaluations():
+    bench = load_bench("bench_learning")
+    curve = [(10.0, 2.4), (20.0, 2.0), (30.0, 1.8)]
+    assert bench.seconds_to_reach(curve, 2.2) == pytest.approx(15.0)
+    assert bench.seconds_to_reach(curve, 1.8) == pytest.approx(30.0)
+    assert bench.seconds_to_reach(curve, 2.5) == 10.0  # already there at the first evaluation
+    assert bench.seconds_to_reach(curve, 1.7) is None
+
+
+def test_learning_benchmark_runs_and_writes_json(tmp_path, capsys):
+    bench = load_bench("bench_learning")
+    data_path = write_text(tmp_path / "text.txt", synthetic_text(5_000))
+    flags = ["--data_path", str(data_path), "--num_blocks", "1", "--embedding_dim", "32", "--context_len", "16"]
+    flags += ["--max_steps", "4", "--eval_every", "2", "--eval_steps", "2", "--torch_compile", "False"]
+    out = tmp_path / "learning.json"
+    argv = ["--presets", "nanogpt-cpu,speedrun-cpu", "--repeats", "1", "--runs_dir", str(tmp_path / "runs")]
+    assert bench.main([*argv, "--out", str(out), *flags]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["preset"] for r in rows] == ["nanogpt-cpu", "speedrun-cpu"]
+    for row in rows:
+        assert row["steps"] == 4 and row["final_val"] > 0
+        assert [point[0] for point in row["curves"][0]] == sorted(point[0] for point in row["curves"][0])
+    assert "s to 1.6" in capsys.readouterr().out
+
+
+def test_learning_benchmark_refuses_bad_flags_in_one_line(tmp_path, capsys):
+    bench = load_bench("bench_learning")
+    assert bench.main(["--presets", "no-such-preset", "--runs_dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: --preset: invalid choice")
