@@ -322,8 +322,8 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch, capsys):
     """A step with finite gradients whose update overflows the weights: the check before saving catches it."""
     real = train.build_optimizers
 
-    def build_optimizers(model, cfg):
-        optimizers, calls = real(model, cfg), []
+    def build_optimizers(model, cfg, compile=False):
+        optimizers, calls = real(model, cfg, compile), []
 
         def overflow(optimizer, args, kwargs):
             calls.append(1)
