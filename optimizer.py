@@ -8,6 +8,7 @@ It is the simplest variant that earns its speed-up at small scale, and its learn
 width. Same-shape matrices are orthogonalised together in one batched matmul chain (fewer, larger kernels).
 Under torchrun the gradients arrive averaged by DDP, every rank keeps the same momenta, and the Newton-Schulz
 work is shared: each rank orthogonalises its slice of every same-shape stack, then all ranks gather the results.
+With --torch_compile (one process), each group's momentum + Newton-Schulz update runs as one compiled graph.
 """
 
 from __future__ import annotations

@@ -247,10 +247,10 @@ def run(cfg: Config, ctx: Distributed, device: torch.device) -> dict[str, Any]:
     if start_step >= total_steps:
         print(f"notice: the checkpoint is at step {start_step} of {total_steps}; raise --max_steps to train on")
 
-    for optimizer in optimizers:  # compile now what the first step would compile, outside the timed loop
+    loss_fn.warm_up(*(to_device(t, device) for t in val_fixed[0]), autocast)
+    for optimizer in optimizers:  # like the loss: compile now what the first step would compile, not in the loop
         if isinstance(optimizer, Muon):
             optimizer.warm_up()
-    loss_fn.warm_up(*(to_device(t, device) for t in val_fixed[0]), autocast)
     if resume and (mine := rank_rng_state(rng, ctx.rank)):  # (a rank the saving job lacked keeps its fresh seed)
         set_rng_state(mine)
     parameters = [p for p in model.parameters() if p.requires_grad]

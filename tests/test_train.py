@@ -268,13 +268,13 @@ def test_warm_up_compiles_what_the_first_step_runs(tmp_path, monkeypatch):
     from torch._dynamo.utils import counters
 
     graphs = {}
-    original = train.LossFunction.warm_up
+    original = train.Muon.warm_up
 
-    def counting_warm_up(self, *args):  # the last thing before the loop
-        original(self, *args)
+    def counting_warm_up(self):  # the last thing before the loop
+        original(self)
         graphs["after_warm_up"] = counters["stats"]["unique_graphs"]
 
-    monkeypatch.setattr(train.LossFunction, "warm_up", counting_warm_up)
+    monkeypatch.setattr(train.Muon, "warm_up", counting_warm_up)
     data_path = write_text(tmp_path / "text.txt", synthetic_text(5_000))
     torch._dynamo.reset()
     counters.clear()
