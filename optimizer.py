@@ -70,6 +70,14 @@ def orthogonal_updates(grads, buffers, momentum: float, nesterov: bool, steps: i
     return newton_schulz(momentum_updates(grads, buffers, momentum, nesterov), steps)
 
 
+def by_shape(params: list[nn.Parameter]) -> dict[torch.Size, list[nn.Parameter]]:
+    """Parameters grouped by shape, in order: each group is orthogonalised as one stack."""
+    groups: dict[torch.Size, list[nn.Parameter]] = defaultdict(list)
+    for p in params:
+        groups[p.shape].append(p)
+    return groups
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -100,11 +108,7 @@ class Muon(torch.optim.Optimizer):
     def step(self) -> None:
         distributed = is_distributed()
         for group in self.param_groups:
-            by_shape: dict[torch.Size, list[nn.Parameter]] = defaultdict(list)
-            for p in group["params"]:
-                if p.grad is not None:
-                    by_shape[p.shape].append(p)
-            for shape, params in by_shape.items():
+            for shape, params in by_shape([p for p in group["params"] if p.grad is not None]).items():
                 grads = [p.grad for p in params]
                 buffers = [self._momentum_buffer(p) for p in params]
                 momentum, nesterov, steps = group["momentum"], group["nesterov"], group["ns_steps"]
@@ -124,8 +128,7 @@ class Muon(torch.optim.Optimizer):
         if self.compiled_updates is None or is_distributed():
             return  # (under torchrun the update runs eagerly, sharded over ranks)
         for group in self.param_groups:
-            for shape in {p.shape: None for p in group["params"]}:
-                same = [p for p in group["params"] if p.shape == shape]
+            for same in by_shape(group["params"]).values():
                 zeros = [torch.zeros_like(p) for p in same]
                 buffers = [torch.zeros_like(p) for p in same]
                 self._orthogonal_updates(zeros, buffers, group["momentum"], group["nesterov"], group["ns_steps"])

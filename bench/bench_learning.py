@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train  # noqa: E402
 from config import UserError, parse_args  # noqa: E402
+from plot import load_run  # noqa: E402
 
 LOSS_MARKS = (2.0, 1.8, 1.7, 1.6)  # "seconds to reach" columns
 
@@ -44,8 +45,8 @@ def one_run(preset: str, extra: list[str], runs_dir: Path, name: str) -> dict:
     started = time.perf_counter()
     summary = train.train(cfg)
     wall = time.perf_counter() - started
-    records = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    curve = [(r["elapsed_s"], r["val_loss"]) for r in records if "val_loss" in r and not r.get("final")]
+    records = load_run(summary["run_dir"]).records  # the periodic records; the final one is apart
+    curve = [(r["elapsed_s"], r["val_loss"]) for r in records if "val_loss" in r]
     return {
         "steps": summary["steps"],
         "train_s": summary["train_seconds"],
