@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from config import UserError
 from model import GPT, generate
@@ -121,8 +120,9 @@ def continuation_loss(model: GPT, prompt_ids: list[int], continuation_ids: list[
     for start in range(len(prompt_ids), len(ids), chunk):
         end = min(len(ids), start + chunk)  # score the targets ids[start:end]
         first = max(0, end - 1 - context_len)  # their inputs ids[first:end - 1] fill at most the window
-        logits = model(ids[first : end - 1][None])[0, start - 1 - first :]
-        total += F.cross_entropy(logits.float(), ids[start:end], reduction="sum").item()
+        targets = ids[first + 1 : end].clone()
+        targets[: start - 1 - first] = -1  # the window's leading targets are context, not scored
+        total += model(ids[first : end - 1][None], targets[None], reduction="sum").item()
     return total / len(continuation_ids)
 
 

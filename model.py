@@ -1,4 +1,4 @@
-"""The transformer: token ids in, logits out.
+"""The transformer: token ids in, logits (or, given targets, the loss) out.
 
 Read top to bottom: attention (with the learned attention sink), MLP, block, the GPT itself, then the KV cache
 and `generate` for sampling. This file knows nothing of data, optimizers or logging.
@@ -183,8 +183,16 @@ class GPT(nn.Module):
             else:
                 nn.init.ones_(p)  # norm gains
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, padded_vocab); padded ids get -inf so they are never predicted."""
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, padded_vocab); padded ids get -inf so they are never predicted.
+        With targets (B, T): the next-token cross-entropy instead, in fp32, "mean" or "sum" over the targets;
+        targets of -1 are ignored (the final evaluation masks the overlap of its last window with them)."""
         b, t = idx.shape
         start = cache.length if cache is not None else 0
         if start + t > self.cfg.context_len:
@@ -201,7 +209,10 @@ class GPT(nn.Module):
         logits = self.lm_head(self.final_norm(x))
         if self.cfg.logit_softcap:
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
-        return logits.masked_fill(self.vocab_mask, float("-inf"))
+        logits = logits.masked_fill(self.vocab_mask, float("-inf"))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
 
     def num_params(self) -> dict[str, int]:
         """Parameter counts: total, embeddings (token and learned positions), and the rest (head included)."""
@@ -279,7 +290,7 @@ def generate(
         if use_cache:
             if cache is None:
                 cache = KVCache(model.cfg, 1, device, next(model.parameters()).dtype)
-            logits = model(torch.tensor([tokens[fed:]], device=device), cache)[:, -1]
+            logits = model(torch.tensor([tokens[fed:]], device=device), cache=cache)[:, -1]
             fed = len(tokens)
         else:
             logits = model(torch.tensor([tokens[start:]], device=device))[:, -1]

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from checkpoint import (
@@ -68,22 +67,17 @@ from utils import (
 MAX_SKIPS_IN_A_ROW = 10  # with --skip_nonfinite: this many bad steps in a row means the run diverged
 
 
-def cross_entropy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token loss in fp32; targets of -1 are ignored (the final evaluation masks overlap with them)."""
-    logits = model(x)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction=reduction)
-
-
 class LossFunction:
-    """cross_entropy, compiled when asked; if compilation fails on first use, one warning and eager from then on."""
+    """The model's training loss, compiled when asked; if compilation fails on first use, one warning and eager from
+    then on."""
 
     def __init__(self, model: torch.nn.Module, compile_it: bool):
         self.model = model
-        self.fn = torch.compile(cross_entropy) if compile_it else cross_entropy
+        self.fn = torch.compile(model) if compile_it else model
         self.compiled = compile_it
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.fn(self.model, x, y)
+        return self.fn(x, y)
 
     def warm_up(self, x: torch.Tensor, y: torch.Tensor, autocast) -> None:
         """Compile forward and backward now (outside the timed loop), falling back to eager on any failure.
@@ -103,7 +97,7 @@ class LossFunction:
                 f"warning: torch.compile failed ({type(error).__name__}: {message[:160]}); training in eager mode",
                 flush=True,
             )
-            self.fn, self.compiled = cross_entropy, False
+            self.fn, self.compiled = self.model, False
         finally:
             self.model.zero_grad(set_to_none=True)
         if self.compiled:
@@ -127,7 +121,7 @@ def evaluate(
     for x, y in batches[ctx.rank :: ctx.world_size]:
         x, y = to_device(x, device), to_device(y, device)
         with autocast():
-            total += cross_entropy(model, x, y, reduction="sum").item()
+            total += model(x, y, reduction="sum").item()
         count += int((y != -1).sum())
     model.train()
     total, count = ctx.all_reduce(total, count)

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from conftest import randomize, tiny_config
 
-import train
 from model import (
     GPT,
     KVCache,
@@ -208,6 +207,20 @@ def test_num_params(pos_emb):
     assert counts["non_embedding"] == blocks * per_block + c + 128 * c  # + final norm + head
 
 
+def test_loss_is_the_cross_entropy_of_the_logits_ignoring_minus_one():
+    cfg = tiny_config()
+    model = randomize(GPT(cfg, 65), seed=4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(65, (3, cfg.context_len), generator=g)
+    y = torch.randint(65, (3, cfg.context_len), generator=g)
+    y[0, :5] = -1  # ignored targets
+    logits = model(x)[..., :65].flatten(0, 1)
+    kept = y.flatten() != -1
+    by_hand = -logits.log_softmax(-1)[kept, y.flatten()[kept]]
+    torch.testing.assert_close(model(x, y), by_hand.mean())
+    torch.testing.assert_close(model(x, y, reduction="sum"), by_hand.sum())
+
+
 @pytest.mark.parametrize("vocab", [65, 64, 1000])
 def test_initial_loss_is_log_vocab(vocab):
     cfg = tiny_config()
@@ -215,7 +228,7 @@ def test_initial_loss_is_log_vocab(vocab):
     g = torch.Generator().manual_seed(0)
     x = torch.randint(vocab, (4, cfg.context_len), generator=g)
     y = torch.randint(vocab, (4, cfg.context_len), generator=g)
-    loss = train.cross_entropy(model, x, y)
+    loss = model(x, y)
     assert loss.item() == pytest.approx(math.log(vocab), abs=1e-5)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -245,15 +258,15 @@ def test_kv_cache_matches_full_forward(attn_sink, pos_emb, prefill):
     with torch.no_grad():
         full = model(idx)
         cache = KVCache(cfg, 2, torch.device("cpu"), torch.float32)
-        pieces = [model(idx[:, :prefill], cache)] if prefill else []
+        pieces = [model(idx[:, :prefill], cache=cache)] if prefill else []
         for t in range(prefill, cfg.context_len):
-            pieces.append(model(idx[:, t : t + 1], cache))
+            pieces.append(model(idx[:, t : t + 1], cache=cache))
     assert cache.length == cfg.context_len
     incremental = torch.cat(pieces, dim=1)
     assert torch.isneginf(incremental[..., VOCAB:]).all()
     torch.testing.assert_close(incremental[..., :VOCAB], full[..., :VOCAB], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="context_len"), torch.no_grad():
-        model(idx[:, :1], cache)  # the cache is full
+        model(idx[:, :1], cache=cache)  # the cache is full
 
 
 # ----------------------------------------------------------------------------------------------------------------
