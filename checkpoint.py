@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from config import Config, UserError
 from model import GPT
+from utils import atomic_write, fsync_dir
 
 LATEST = "latest"
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP prefix every state_dict key
@@ -66,14 +67,6 @@ CHANGES_TRAINING = (
     "min_lr_frac",
     "cooldown_frac",
 )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -126,17 +119,11 @@ def save_checkpoint(
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(final, aside)
         os.replace(tmp, final)
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    pointer = run_dir / f".{LATEST}.tmp"
-    with open(pointer, "w") as handle:
-        handle.write(final.name + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(pointer, run_dir / LATEST)
-    _fsync_dir(run_dir)
+    atomic_write(run_dir / LATEST, final.name + "\n")  # only now does `latest` move to the complete folder
     prune_checkpoints(run_dir, keep, final)
     return final
 

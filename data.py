@@ -7,9 +7,9 @@ built by index arithmetic over one token tensor; validation batches are fixed so
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import os
-import tempfile
+import io
 import urllib.request
 from pathlib import Path
 
@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from config import Config, UserError
-from utils import Tokenizer, build_tokenizer
+from tokenizer import Tokenizer, build_tokenizer
+from utils import atomic_write
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA_PATH = "data/tiny_shakespeare.txt"
@@ -32,21 +33,6 @@ def resolve_data_path(data_path: str) -> Path:
     if path.is_absolute() or path.exists():
         return path
     return ROOT / path if (ROOT / path).exists() or data_path == DEFAULT_DATA_PATH else path
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, rename: readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def download_tiny_shakespeare(path: Path) -> None:
@@ -64,7 +50,7 @@ def download_tiny_shakespeare(path: Path) -> None:
         raise UserError(
             f"downloaded Tiny Shakespeare has sha256 {digest}, expected {TINY_SHAKESPEARE_SHA256}; try again"
         )
-    atomic_write_bytes(path, payload)
+    atomic_write(path, payload)
 
 
 def read_text(data_path: str) -> tuple[str, str]:
@@ -99,12 +85,10 @@ def _tokenize_cached(tokenizer: Tokenizer, text: str, key: str) -> np.ndarray:
     if cache.exists():
         return np.load(cache)
     ids = np.array(tokenizer.encode(text), dtype=dtype)
-    try:
-        with tempfile.NamedTemporaryFile(dir=CACHE_DIR, suffix=".npy", delete=False) as f:
-            np.save(f, ids)
-        os.replace(f.name, cache)
-    except OSError:
-        pass  # a read-only checkout just tokenizes every time
+    buffer = io.BytesIO()
+    np.save(buffer, ids)
+    with contextlib.suppress(OSError):  # a read-only checkout just tokenizes every time
+        atomic_write(cache, buffer.getvalue())
     return ids
 
 

@@ -20,7 +20,7 @@ import torch
 
 from config import UserError
 from model import GPT, generate
-from utils import CharTokenizer, Tokenizer
+from tokenizer import CharTokenizer, Tokenizer
 
 CASES_PATH = Path(__file__).resolve().parent / "inference_cases.json"
 CASES_VERSION = 1

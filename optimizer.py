@@ -78,10 +78,6 @@ def by_shape(params: list[nn.Parameter]) -> dict[torch.Size, list[nn.Parameter]]
     return groups
 
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 class Muon(torch.optim.Optimizer):
     """Momentum-orthogonalised SGD for 2-D weight matrices (see the module docstring)."""
 
@@ -94,27 +90,31 @@ class Muon(torch.optim.Optimizer):
         ns_steps: int = 5,
         weight_decay: float = 0.0,
         compile: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         super().__init__(
             params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay)
         )
         # compiled: ~1.3 of ~14 ms saved per step at --preset nanogpt-cpu (fewer passes over the stacked updates)
         self.compiled_updates = torch.compile(orthogonal_updates, dynamic=False) if compile else None
+        self.rank, self.world_size = rank, world_size  # this process's place in a torchrun job (0 of 1 without)
         for group in self.param_groups:
             if any(p.dim() != 2 for p in group["params"]):
                 raise ValueError("Muon only takes 2-D matrices; give everything else to AdamW")
 
     @torch.no_grad()
     def step(self) -> None:
-        distributed = is_distributed()
         for group in self.param_groups:
             for shape, params in by_shape([p for p in group["params"] if p.grad is not None]).items():
                 grads = [p.grad for p in params]
                 buffers = [self._momentum_buffer(p) for p in params]
                 momentum, nesterov, steps = group["momentum"], group["nesterov"], group["ns_steps"]
-                if distributed:  # every rank holds the same updates (DDP averaged the gradients): share the work
+                if (
+                    self.world_size > 1
+                ):  # every rank holds the same updates (DDP averaged the gradients): share the work
                     stack = momentum_updates(grads, buffers, momentum, nesterov)
-                    orthogonal = sharded_newton_schulz(stack, steps, dist.get_rank(), dist.get_world_size())
+                    orthogonal = sharded_newton_schulz(stack, steps, self.rank, self.world_size)
                 else:
                     orthogonal = self._orthogonal_updates(grads, buffers, momentum, nesterov, steps)
                 if group["weight_decay"]:
@@ -125,7 +125,7 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def warm_up(self) -> None:
         """Compile the update for every matrix shape now, on zeros (the state is untouched), not in a timed step."""
-        if self.compiled_updates is None or is_distributed():
+        if self.compiled_updates is None or self.world_size > 1:
             return  # (under torchrun the update runs eagerly, sharded over ranks)
         for group in self.param_groups:
             for same in by_shape(group["params"]).values():
@@ -154,9 +154,12 @@ def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
     return p.dim() == 2 and name.startswith("blocks.")
 
 
-def build_optimizers(model: nn.Module, cfg: Config, compile: bool = False) -> list[torch.optim.Optimizer]:
+def build_optimizers(
+    model: nn.Module, cfg: Config, compile: bool = False, rank: int = 0, world_size: int = 1
+) -> list[torch.optim.Optimizer]:
     """[Muon, AdamW] with --use_muon, else [AdamW]. Weight decay applies to matrices only, never norms or sinks.
-    compile: torch.compile Muon's update (train.py passes --torch_compile)."""
+    compile: torch.compile Muon's update (train.py passes --torch_compile); rank, world_size: under torchrun, Muon
+    shares its Newton-Schulz work between the ranks."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in named if cfg.use_muon and is_hidden_matrix(n, p)]
     hidden_ids = {id(p) for p in hidden}
@@ -174,7 +177,16 @@ def build_optimizers(model: nn.Module, cfg: Config, compile: bool = False) -> li
     optimizers: list[torch.optim.Optimizer] = [adamw]
     if hidden:
         optimizers.insert(
-            0, Muon(hidden, lr=cfg.muon_lr, ns_steps=cfg.muon_ns_steps, weight_decay=cfg.weight_decay, compile=compile)
+            0,
+            Muon(
+                hidden,
+                lr=cfg.muon_lr,
+                ns_steps=cfg.muon_ns_steps,
+                weight_decay=cfg.weight_decay,
+                compile=compile,
+                rank=rank,
+                world_size=world_size,
+            ),
         )
     for optimizer in optimizers:
         for group in optimizer.param_groups:

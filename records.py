@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from config import Config
+from utils import atomic_write
 
 
 class RunRecorder:
@@ -81,9 +82,7 @@ def keep_records_up_to(path: Path, step: int) -> None:
             record = json.loads(line)
             if record.get("step", 0) <= step and not record.get("final"):
                 kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(kept))
 
 
 def unique_dir(parent: Path, name: str) -> Path:

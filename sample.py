@@ -22,7 +22,8 @@ from checkpoint import load_checkpoint
 from config import UserError, _OneLineParser, _parser_for
 from inference import CASES_PATH, Settings, StreamDecoder, encode_prompt, format_table, load_cases, run_cases
 from model import GPT
-from utils import Tokenizer, resolve_device, tokenizer_from_dict
+from tokenizer import Tokenizer, tokenizer_from_dict
+from utils import resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,7 +37,6 @@ from checkpoint import (
 )
 from config import Config, UserError, parse_args
 from data import (
-    CACHE_DIR,
     TrainBatches,
     fixed_val_batches,
     full_val_batches,
@@ -45,12 +44,12 @@ from data import (
     to_device,
     token_fingerprint,
 )
+from distributed import Distributed, init_distributed
 from inference import format_table, run_cases
 from model import GPT, generate
 from optimizer import Muon, build_optimizers, lr_multiplier, set_lr
 from records import RunRecorder, default_run_name
 from utils import (
-    Distributed,
     StopSignals,
     banner,
     check_writable,
@@ -58,8 +57,8 @@ from utils import (
     format_duration,
     format_line,
     human,
-    init_distributed,
     peak_flops,
+    resolve_device,
     resolve_dtype,
     seed_everything,
 )
@@ -132,7 +131,7 @@ def train(cfg: Config) -> dict[str, Any]:
     """Run one training job end to end, or continue one with --resume; returns a summary (losses, timings, where
     things went). Stops early on SIGINT/SIGTERM (summary["stopped_by"]) after saving when saving is on. Under
     torchrun this process is one rank of a DDP job; rank 0 alone prints, records and saves."""
-    ctx, device = init_distributed(cfg.device)
+    ctx, device = init_distributed(resolve_device(cfg.device))
     with contextlib.ExitStack() as stack:
         stack.callback(ctx.close)
         if not ctx.is_main:  # one console for the job (errors still reach stderr)
@@ -165,7 +164,7 @@ def run(cfg: Config, ctx: Distributed, device: torch.device) -> dict[str, Any]:
     tokenizer, train_ids, val_ids = load_dataset(cfg)
     data_id = token_fingerprint(train_ids, val_ids)
     model = GPT(cfg, tokenizer.vocab_size).to(device)
-    optimizers = build_optimizers(model, cfg, compile_it)
+    optimizers = build_optimizers(model, cfg, compile_it, ctx.rank, ctx.world_size)
     batches = TrainBatches(train_ids, cfg.batch_size, cfg.context_len, cfg.seed, device, ctx.rank, ctx.world_size)
     if ctx.rank:  # its own dropout masks; rank 0 keeps the single-process stream (resume restores each rank's own)
         torch.manual_seed(cfg.seed + ctx.rank)
@@ -196,7 +195,7 @@ def run(cfg: Config, ctx: Distributed, device: torch.device) -> dict[str, Any]:
     step_flops = tokens_per_step * flops_per_token(
         params["non_embedding"], cfg.num_blocks, cfg.num_heads, cfg.head_dim, cfg.context_len
     )
-    peak, peak_source = peak_flops(device, dtype, cfg.peak_flops, CACHE_DIR) if ctx.is_main else (None, "")
+    peak, peak_source = peak_flops(device, dtype, cfg.peak_flops) if ctx.is_main else (None, "")
     if peak and ctx.active:  # MFU counts every rank's work, so it is against the peak of every device in use
         peak, peak_source = peak * ctx.world_size, f"{ctx.world_size} x {peak_source}"
     info = {"vocab_size": tokenizer.vocab_size, "params": params, "device": str(device), "world_size": ctx.world_size}

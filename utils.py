@@ -1,10 +1,9 @@
-"""Small shared helpers: tokenizers, device and dtype choice, torchrun processes, seeding, console formatting."""
+"""The small rest: device and dtype choice, seeding, stop signals, atomic writes, console formatting, FLOPs and MFU."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import importlib
 import json
 import os
 import platform
@@ -13,92 +12,13 @@ import signal
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from config import UserError
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizers
-
-
-class CharTokenizer:
-    """One id per distinct character of the text (sorted), as in nanoGPT's shakespeare_char."""
-
-    name = "char"
-
-    def __init__(self, chars: str):
-        self.chars = chars
-        self.vocab_size = len(chars)
-        self._ids = {c: i for i, c in enumerate(chars)}
-        self.start_id = self._ids.get("\n", 0)  # what an empty prompt starts from
-
-    @classmethod
-    def from_text(cls, text: str) -> CharTokenizer:
-        return cls("".join(sorted(set(text))))
-
-    def encode(self, text: str) -> list[int]:
-        try:
-            return [self._ids[c] for c in text]
-        except KeyError:
-            unknown = sorted({c for c in text if c not in self._ids})
-            raise ValueError(
-                f"the char tokenizer never saw {''.join(unknown)!r} in its training text; remove those characters"
-            ) from None
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(self.chars[i] for i in ids)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "chars": self.chars}
-
-
-class TiktokenTokenizer:
-    """gpt2 or o200k_base BPE through tiktoken (downloaded once into its cache; TIKTOKEN_CACHE_DIR for offline use)."""
-
-    def __init__(self, name: str):
-        import tiktoken
-
-        try:
-            self._enc = tiktoken.get_encoding(name)
-        except Exception as error:
-            raise UserError(
-                f"could not load the {name} tokenizer ({type(error).__name__}); offline? put its files in a folder "
-                "named as tiktoken caches them and set TIKTOKEN_CACHE_DIR to it (see README), or use --tokenizer char"
-            ) from None
-        self.name = name
-        self.vocab_size = self._enc.n_vocab
-        self.start_id = self._enc.eot_token  # <|endoftext|>: what an empty prompt starts from
-
-    def encode(self, text: str) -> list[int]:
-        return self._enc.encode_ordinary(text)
-
-    def decode(self, ids: list[int]) -> str:
-        return self._enc.decode(ids)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name}
-
-
-Tokenizer = CharTokenizer | TiktokenTokenizer
-
-
-def build_tokenizer(name: str, text: str | None = None) -> Tokenizer:
-    if name == "char":
-        if text is None:
-            raise ValueError("the char tokenizer is built from the training text")
-        return CharTokenizer.from_text(text)
-    return TiktokenTokenizer(name)
-
-
-def tokenizer_from_dict(values: dict[str, Any]) -> Tokenizer:
-    return CharTokenizer(values["chars"]) if values["name"] == "char" else TiktokenTokenizer(values["name"])
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Device, dtype, seeds
@@ -151,9 +71,14 @@ def check_writable(folder: str | Path, flag: str) -> None:
         ) from None
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Processes: stopping on signals, and several processes (torchrun starts one per device and sets RANK,
-# WORLD_SIZE and LOCAL_RANK)
+# Stopping on signals, and writing files that survive a crash
 
 
 class StopSignals:
@@ -179,98 +104,29 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-@dataclass
-class Distributed:
-    """This process's place in a torchrun job; rank 0 of 1, making no torch.distributed calls, without torchrun."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    backend: str | None = None  # "nccl" or "gloo" once a process group is up
-    control: Any = None  # a gloo group for small CPU-side agreements, so they never wait on the GPU (None: default)
-    owned: bool = False  # this process started the process group, so it ends it
-
-    @property
-    def active(self) -> bool:
-        return self.backend is not None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def average_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The mean over ranks, in place on the tensor's device (queued, not waited for, on NCCL)."""
-        if self.active:
-            dist.all_reduce(tensor)
-            tensor /= self.world_size
-        return tensor
-
-    def all_reduce(self, *values: float, op: str = "sum") -> list[float]:
-        """The sum (or "max") of each number over all ranks; the numbers as they are in one process."""
-        if not self.active:
-            return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.control)
-        return tensor.tolist()
-
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's `obj` on every rank (a picklable object)."""
-        if not self.active:
-            return obj
-        objects = [obj]
-        dist.broadcast_object_list(objects, src=0, group=self.control)
-        return objects[0]
-
-    def gather(self, obj: Any) -> list[Any] | None:
-        """Every rank's `obj` in rank order on rank 0; None on the others."""
-        if not self.active:
-            return [obj]
-        objects = [None] * self.world_size if self.is_main else None
-        dist.gather_object(obj, objects, dst=0, group=self.control)
-        return objects
-
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier(group=self.control)
-
-    def close(self) -> None:
-        if self.owned and dist.is_initialized():
-            dist.destroy_process_group()
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (POSIX: the folder's entry is data too)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def init_distributed(device_name: str) -> tuple[Distributed, torch.device]:
-    """Join the torchrun job this process belongs to (NCCL and one GPU per local rank on CUDA, gloo on the CPU);
-    without torchrun's variables, a single process on resolve_device's choice."""
-    device = resolve_device(device_name)
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return Distributed(), device
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(
-                f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible); "
-                "start at most one process per GPU (--nproc_per_node)"
-            )
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    elif device.type != "cpu":
-        raise UserError(f"torchrun needs CUDA (NCCL) or the CPU (gloo), not {device.type}; use --device cpu")
-    # torch._dynamo keeps references to a process group that exists when it is first imported (AdamW imports it):
-    # the group would then outlive destroy_process_group, and its threads can abort the interpreter's exit
-    importlib.import_module("torch._dynamo")
-    owned = not dist.is_initialized()
-    if owned:
-        cuda = device.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    backend = dist.get_backend()
-    control = dist.new_group(backend="gloo") if backend != "gloo" else None
-    return Distributed(dist.get_rank(), local_rank, dist.get_world_size(), backend, control, owned), device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
+def atomic_write(path: Path, payload: bytes | str) -> None:
+    """Write to a temp file in the same folder, fsync, rename: readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload.encode() if isinstance(payload, str) else payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,6 +173,8 @@ def format_line(record: dict[str, Any], total_steps: int) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # FLOPs and MFU
 
+CPU_PEAK_CACHE = Path(__file__).resolve().parent / "data" / "cache" / "cpu_peak_flops.json"  # the probe's results
+
 # Dense (not 2:4-sparse) bf16/fp16 tensor-core peaks in FLOP/s, matched against the device name, most specific first.
 GPU_PEAK_FLOPS = (
     ("H100 PCIe", 756e12),
@@ -356,22 +214,24 @@ def measure_cpu_peak_flops(dtype: torch.dtype = torch.float32, size: int = 1024,
     return best
 
 
-def cpu_peak_flops(dtype: torch.dtype, cache_dir: Path) -> float:
+def cpu_peak_flops(dtype: torch.dtype, cache_file: Path = CPU_PEAK_CACHE) -> float:
     """measure_cpu_peak_flops, cached per CPU model, thread count and dtype (the probe takes about a second)."""
     cpu = platform.processor() or platform.machine()
     key = f"{cpu}|{torch.get_num_threads()} threads|{dtype}"
-    path = cache_dir / "cpu_peak_flops.json"
-    known = json.loads(path.read_text()) if path.exists() else {}
-    if key not in known:
+    try:
+        known = json.loads(cache_file.read_text())
+    except (OSError, ValueError):  # no cache yet, or a damaged one: measure again
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    if not isinstance(known.get(key), (int, float)):
         known[key] = measure_cpu_peak_flops(dtype)
-        with contextlib.suppress(OSError):
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(known, indent=2) + "\n")
-    return known[key]
+        with contextlib.suppress(OSError):  # a read-only checkout just probes every time
+            atomic_write(cache_file, json.dumps(known, indent=2) + "\n")
+    return float(known[key])
 
 
 def peak_flops(
-    device: torch.device, dtype: torch.dtype, override: float | None, cache_dir: Path
+    device: torch.device, dtype: torch.dtype, override: float | None, cache_file: Path = CPU_PEAK_CACHE
 ) -> tuple[float | None, str]:
     """(peak FLOP/s of one device, how it was found): --peak_flops, the GPU table, a CPU probe, or None = 'n/a'."""
     if override:
@@ -381,5 +241,5 @@ def peak_flops(
         peak = gpu_peak_flops(name)
         return peak, f"{name} dense bf16 table" if peak else f"{name} not in the table (use --peak_flops)"
     if device.type == "cpu":
-        return cpu_peak_flops(dtype, cache_dir), "measured CPU matmul peak"
+        return cpu_peak_flops(dtype, cache_file), "measured CPU matmul peak"
     return None, f"{device.type} peak unknown (use --peak_flops)"

@@ -23,7 +23,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from config import UserError, parse_args  # noqa: E402
-from data import CACHE_DIR  # noqa: E402
 from model import GPT  # noqa: E402
 from optimizer import build_optimizers  # noqa: E402
 from utils import flops_per_token, peak_flops, resolve_device  # noqa: E402
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         model, step, compile_s = make_variant(cfg, args.vocab_size, device, mode == "compiled", dtype)
         params = model.num_params()["non_embedding"]
         flops = tokens_per_step * flops_per_token(params, cfg.num_blocks, cfg.num_heads, cfg.head_dim, cfg.context_len)
-        peak, source = peak_flops(device, dtype, cfg.peak_flops, CACHE_DIR)
+        peak, source = peak_flops(device, dtype, cfg.peak_flops)
         variants[name] = dict(step=step, compile_s=compile_s, flops=flops, peak=peak, peak_source=source, ms=[])
         print(f"prepared {name} ({compile_s:.1f}s first step)", flush=True)
     if device.type == "cuda":

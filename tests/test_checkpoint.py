@@ -13,7 +13,7 @@ from checkpoint import LATEST, load_checkpoint, load_optimizer_state, resolve_ch
 from config import UserError
 from model import GPT
 from optimizer import build_optimizers
-from utils import CharTokenizer
+from tokenizer import CharTokenizer
 
 VOCAB = 65
 TOKENIZER = CharTokenizer.from_text("".join(chr(33 + i) for i in range(VOCAB))).to_dict()

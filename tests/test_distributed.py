@@ -197,7 +197,9 @@ def muon_problem(seed: int = 0) -> tuple[list[torch.nn.Parameter], list[list[tor
     return params, grads
 
 
-def run_muon(params: list[torch.nn.Parameter], grads: list[list[torch.Tensor]]) -> list[int]:
+def run_muon(
+    params: list[torch.nn.Parameter], grads: list[list[torch.Tensor]], rank: int = 0, world_size: int = 1
+) -> list[int]:
     """Three Muon steps; returns the size of every stack this process orthogonalised."""
     import optimizer
 
@@ -209,7 +211,7 @@ def run_muon(params: list[torch.nn.Parameter], grads: list[list[torch.Tensor]]) 
 
     optimizer.newton_schulz = counted
     try:
-        muon = optimizer.Muon(params, lr=0.05, weight_decay=0.1)
+        muon = optimizer.Muon(params, lr=0.05, weight_decay=0.1, rank=rank, world_size=world_size)
         for step_grads in grads:
             for p, g in zip(params, step_grads, strict=True):
                 p.grad = g.clone()
@@ -237,7 +239,7 @@ def muon_worker(out: Path) -> None:
 
     dist.init_process_group("gloo")
     params, grads = muon_problem()
-    sizes = run_muon(params, grads)
+    sizes = run_muon(params, grads, dist.get_rank(), dist.get_world_size())
     torch.save({"params": [p.detach() for p in params], "sizes": sizes}, out / f"rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 

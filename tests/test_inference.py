@@ -26,7 +26,7 @@ from inference import (
     run_cases,
 )
 from model import GPT
-from utils import CharTokenizer, build_tokenizer
+from tokenizer import CharTokenizer, build_tokenizer
 
 FAST_TOKENS = 40  # new tokens per case in these tests: past the tiny context of 16 twice, yet quick
 

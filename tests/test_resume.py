@@ -322,7 +322,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch, capsys):
     """A step with finite gradients whose update overflows the weights: the check before saving catches it."""
     real = train.build_optimizers
 
-    def build_optimizers(model, cfg, compile=False):
+    def build_optimizers(model, cfg, compile=False, rank=0, world_size=1):
         optimizers, calls = real(model, cfg, compile), []
 
         def overflow(optimizer, args, kwargs):

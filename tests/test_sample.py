@@ -14,7 +14,7 @@ import sample
 from checkpoint import save_checkpoint
 from inference import CASES_PATH
 from model import GPT, generate, sample_next
-from utils import CharTokenizer
+from tokenizer import CharTokenizer
 
 SEPARATOR = "\n" + "-" * 40 + "\n"
 
@@ -232,7 +232,7 @@ def test_logits_with_the_cache_equal_a_full_forward_at_every_step(attn_sink, pos
         forward = model.forward
 
         def recording_forward(idx, cache=None):
-            logits = forward(idx, cache)
+            logits = forward(idx, cache=cache)
             seen.append(logits[0, -1, :65].clone())
             return logits
 

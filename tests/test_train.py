@@ -17,7 +17,7 @@ from config import parse_args
 from data import TrainBatches, full_val_batches, load_dataset
 from model import generate
 from optimizer import lr_multiplier
-from utils import tokenizer_from_dict
+from tokenizer import tokenizer_from_dict
 
 STEP_KEYS = {"step", "loss", "lr", "grad_norm", "step_ms", "tok_per_s", "elapsed_s"}
 

@@ -1,4 +1,4 @@
-"""utils.py: tokenizers (offline tiktoken through the shared cache), device choice, small helpers."""
+"""utils.py: device and dtype choice, seeding, atomic writes, the CPU peak probe's cache, formatting."""
 
 from __future__ import annotations
 
@@ -7,74 +7,7 @@ import torch
 
 import utils
 from config import UserError
-from utils import (
-    CharTokenizer,
-    build_tokenizer,
-    format_duration,
-    human,
-    resolve_device,
-    resolve_dtype,
-    tokenizer_from_dict,
-)
-
-MIXED = (
-    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
-    "Ünïcödé: café, naïve, 日本語のテキスト, Привет, emoji 🙂👍🏽, math ∑∫√, tabs\tand  double  spaces\r\n"
-    "<|endoftext|> is just text here. 12345 + 0.5e-3\n"
-)
-
-
-@pytest.mark.parametrize("name", ["gpt2", "o200k_base"])
-def test_tiktoken_round_trip(name):
-    tokenizer = build_tokenizer(name)
-    ids = tokenizer.encode(MIXED)
-    assert all(isinstance(i, int) and 0 <= i < tokenizer.vocab_size for i in ids)
-    assert tokenizer.decode(ids) == MIXED
-    assert tokenizer_from_dict(tokenizer.to_dict()).encode(MIXED) == ids
-
-
-def test_known_ids():
-    assert build_tokenizer("gpt2").encode("Hello world") == [15496, 995]
-    assert build_tokenizer("o200k_base").encode("hello world") == [24912, 2375]
-
-
-def test_tiktoken_vocab_and_start_id():
-    gpt2 = build_tokenizer("gpt2")
-    assert gpt2.vocab_size == 50257 and gpt2.start_id == 50256
-    assert "<|endoftext|>" not in [gpt2.decode([i]) for i in gpt2.encode("<|endoftext|>")]  # ordinary text
-    o200k = build_tokenizer("o200k_base")
-    assert o200k.vocab_size > 200_000 and 0 <= o200k.start_id < o200k.vocab_size
-
-
-def test_char_round_trip():
-    tokenizer = build_tokenizer("char", MIXED)
-    assert tokenizer.vocab_size == len(set(MIXED))
-    assert tokenizer.chars == "".join(sorted(set(MIXED)))
-    ids = tokenizer.encode(MIXED)
-    assert len(ids) == len(MIXED) and max(ids) < tokenizer.vocab_size
-    assert tokenizer.decode(ids) == MIXED
-    assert tokenizer.start_id == tokenizer.chars.index("\n")
-    restored = tokenizer_from_dict(tokenizer.to_dict())
-    assert isinstance(restored, CharTokenizer) and restored.encode(MIXED) == ids
-
-
-def test_char_ids_follow_sorted_characters():
-    tokenizer = CharTokenizer.from_text("hello world\n")
-    assert tokenizer.chars == "\n dehlorw"
-    assert tokenizer.encode("hold") == [4, 6, 5, 2]
-
-
-def test_char_tokenizer_rejects_unseen_characters():
-    tokenizer = CharTokenizer.from_text("abc abc\n")
-    with pytest.raises(ValueError) as info:
-        tokenizer.encode("a bad cab!")
-    message = str(info.value)
-    assert "'!d'" in message and "never saw" in message
-
-
-def test_char_tokenizer_needs_text():
-    with pytest.raises(ValueError):
-        build_tokenizer("char")
+from utils import atomic_write, cpu_peak_flops, format_duration, human, resolve_device, resolve_dtype
 
 
 def test_resolve_device_cuda_without_cuda(monkeypatch):
@@ -121,3 +54,28 @@ def test_formatting_helpers():
     assert human(2.5e9) == "2.5B"
     assert format_duration(59) == "0m59s"
     assert format_duration(3725) == "1h02m05s"
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    path = tmp_path / "new" / "file.txt"
+    atomic_write(path, "one\n")
+    atomic_write(path, b"two\n")
+    assert path.read_text() == "two\n"
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(utils.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, "three\n")
+    assert path.read_text() == "two\n" and [p.name for p in path.parent.iterdir()] == ["file.txt"]
+
+
+def test_cpu_peak_probe_is_cached_in_its_file_and_a_damaged_cache_is_measured_again(tmp_path, monkeypatch):
+    probes = []
+    monkeypatch.setattr(utils, "measure_cpu_peak_flops", lambda dtype: probes.append(dtype) or 1e9)
+    cache = tmp_path / "cpu_peak_flops.json"
+    assert cpu_peak_flops(torch.float32, cache) == 1e9 and cpu_peak_flops(torch.float32, cache) == 1e9
+    assert len(probes) == 1 and cache.exists()
+    cache.write_text("{not json")
+    assert cpu_peak_flops(torch.float32, cache) == 1e9 and len(probes) == 2
