@@ -21,6 +21,7 @@ import random
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,44 +30,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from config import Config, UserError
+from config import FIELDS, MATCH, NOTICE, Config, UserError
 from model import GPT
 from utils import atomic_write, fsync_dir
 
 LATEST = "latest"
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP prefix every state_dict key
-
-# Resuming: these must equal the checkpoint's (the weights' shape, the tokens, the optimizer layout, the data order)
-MUST_MATCH = (
-    "num_blocks",
-    "num_heads",
-    "embedding_dim",
-    "context_len",
-    "pos_emb",
-    "activation",
-    "qk_norm",
-    "attn_sink",
-    "logit_softcap",
-    "tokenizer",
-    "val_frac",
-    "seed",
-    "use_muon",
-)
-# these may change, with a notice that the run no longer matches an uninterrupted one; every other flag (run length,
-# logging, evaluation, saving, device, dtype, compile) may change freely
-CHANGES_TRAINING = (
-    "lr",
-    "muon_lr",
-    "weight_decay",
-    "grad_clip",
-    "dropout",
-    "batch_size",
-    "accumulation_steps",
-    "warmup_steps",
-    "lr_schedule",
-    "min_lr_frac",
-    "cooldown_frac",
-)
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -246,21 +215,13 @@ def rng_state(device: torch.device) -> dict[str, Any]:
 
 
 def load_rng_state(folder: Path) -> dict[str, Any]:
+    """rng.pt: the generators of every rank of the job that saved."""
     try:
         return _load_tensors(folder / "rng.pt")
     except FileNotFoundError:
         raise UserError(f"checkpoint {folder} has no rng.pt: it can be sampled from, not resumed") from None
     except Exception as error:  # as in load_optimizer_state
         raise _damaged(folder, error, "rng.pt") from None
-
-
-def rank_rng_state(state: dict[str, Any], rank: int) -> dict[str, Any] | None:
-    """One rank's generators from rng.pt: rank 0's at the top level, the others' in its list "ranks"; None for a
-    rank the saving job did not have."""
-    if rank == 0:
-        return state
-    others = state.get("ranks", [])
-    return others[rank - 1] if rank <= len(others) else None
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -277,17 +238,58 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# May this run resume that checkpoint?
+# Resuming: read and check everything before the run builds anything, restore it once the model exists
+
+
+@dataclass
+class Resume:
+    """A checkpoint that this run continues: read_resume() reads and checks it; restore() loads it into the model
+    and optimizers; restore_rng() sets the random generators last, after start-up has drawn from them."""
+
+    folder: Path
+    tokenizer: dict[str, Any]  # tokenizer.json
+    state: dict[str, Any]  # state.json: the loop's state (train.py's LoopState reads it)
+    rng: dict[str, Any]  # rng.pt: every random generator, the other ranks' under "ranks"
+    changes: list[str]  # what differs from the checkpoint's run and changes training: said in one notice
+
+    def restore(self, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], tokenizer: dict, data: dict):
+        """Refuse other data (tokenizer or tokens) than the checkpoint's; then load the weights and optimizer state."""
+        compare_data(self.folder, self.tokenizer, self.state, tokenizer, data)
+        load_weights(self.folder, model)
+        load_optimizer_state(self.folder, optimizers)
+
+    def restore_rng(self, rank: int) -> None:
+        """This rank's generators as saved (a rank the saving job lacked keeps its fresh seed)."""
+        others = self.rng.get("ranks", [])
+        if rank == 0 or rank <= len(others):
+            set_rng_state(self.rng if rank == 0 else others[rank - 1])
+
+
+def saved_config(path: str | Path) -> dict[str, Any]:
+    """The config a checkpoint (or a run folder's latest) was trained with."""
+    return read_checkpoint(resolve_checkpoint(path))[0]
+
+
+def read_resume(path: str | Path, cfg: Config, world_size: int = 1) -> Resume:
+    """The checkpoint at `path`, checked against this run's config: one line for a flag that must match (the
+    weights' shape, the tokens, the data order depend on it), a notice for those that change training."""
+    folder = resolve_checkpoint(path)
+    saved, tokenizer, state = read_checkpoint(folder)
+    changes = compare_configs(folder, saved, cfg)
+    if state.get("world_size", 1) != world_size:
+        changes.append(f"{world_size} ranks (was {state.get('world_size', 1)})")
+    return Resume(folder, tokenizer, state, load_rng_state(folder), changes)
 
 
 def compare_configs(folder: Path, saved: dict[str, Any], cfg: Config) -> list[str]:
-    """Raise on a MUST_MATCH difference (one line naming each); return the CHANGES_TRAINING differences."""
+    """Raise on a difference in a flag whose resume rule is MATCH (one line naming each); return the NOTICE ones."""
     ours = cfg.to_dict()
-    differ = [name for name in MUST_MATCH if name in saved and saved[name] != ours[name]]
-    if differ:
-        what = "; ".join(f"checkpoint has --{n} {saved[n]}, this run asks for {ours[n]}" for n in differ)
+    differ = [name for name in FIELDS if name in saved and saved[name] != ours[name]]
+    refused = [n for n in differ if FIELDS[n].metadata["on_resume"] == MATCH]
+    if refused:
+        what = "; ".join(f"checkpoint has --{n} {saved[n]}, this run asks for {ours[n]}" for n in refused)
         raise UserError(f"cannot resume {folder}: {what}; leave those flags out to use the checkpoint's values")
-    return [f"--{n} {ours[n]} (was {saved[n]})" for n in CHANGES_TRAINING if n in saved and saved[n] != ours[n]]
+    return [f"--{n} {ours[n]} (was {saved[n]})" for n in differ if FIELDS[n].metadata["on_resume"] == NOTICE]
 
 
 def compare_data(
@@ -311,17 +313,4 @@ def compare_data(
             f"cannot resume {folder}: it was trained on other tokens ({saved['train_tokens']} train, sha256 "
             f"{saved['sha256']}) than this run's ({data['train_tokens']}, {data['sha256']}); "
             "resume with the text it was trained on (--data_path)"
-        )
-
-
-LOOP_STATE = ("batches", "train_seconds", "eval_seconds", "best_val_loss", "loss_sum", "loss_count")
-
-
-def check_loop_state(folder: Path, state: dict[str, Any]) -> None:
-    """A checkpoint written without the training loop's state (by hand, or by an older version) cannot resume."""
-    missing = [key for key in LOOP_STATE if key not in state]
-    if missing:
-        raise UserError(
-            f"checkpoint {folder} lacks the training state to resume ({', '.join(missing)} in state.json); "
-            "it can still be sampled from"
         )

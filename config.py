@@ -1,4 +1,4 @@
-"""Every flag of Pair Transformer: its default, its help line, its validation, and the CLI parser.
+"""Every flag of Pair Transformer: its default, its help line, its validation, its resume rule, and the CLI parser.
 
 One `Config` dataclass is the single source of truth. `parse_args(argv)` turns a command line into a
 validated `Config` or raises `UserError` with one line that says what to do (train.py prints it and
@@ -18,52 +18,70 @@ class UserError(ValueError):
     """A user mistake on the command line or in a config: reported as one line, exit status 2."""
 
 
-def _flag(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+# What --resume does with a flag that differs from the checkpoint's config:
+MATCH = "match"  # refuse: the weights' shape, the tokens, the optimizer layout or the data order depend on it
+NOTICE = "notice"  # allow, with a notice that the run no longer equals an uninterrupted one (training dynamics)
+FREE = "free"  # allow silently: run length, logging, evaluation, saving, device, dtype, compile
+
+
+def _flag(default: Any, help: str, choices: tuple[str, ...] | None = None, on_resume: str = FREE) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "on_resume": on_resume})
 
 
 @dataclass
 class Config:
     # model
-    num_blocks: int = _flag(6, "number of transformer blocks")
-    num_heads: int = _flag(8, "attention heads per block (must divide embedding_dim)")
-    embedding_dim: int = _flag(512, "width of the residual stream")
-    context_len: int = _flag(1024, "tokens of context the model sees")
-    pos_emb: str = _flag("rope", "position encoding: rotary or a learned table", ("rope", "learned"))
-    activation: str = _flag("relu2", "MLP nonlinearity: squared ReLU or GELU", ("relu2", "gelu"))
-    qk_norm: bool = _flag(True, "RMS-normalise queries and keys before attention")
-    attn_sink: bool = _flag(True, "learned per-head attention-sink logit in every softmax denominator")
-    logit_softcap: float = _flag(0.0, "cap logits smoothly at +-this value (0 = off)")
-    dropout: float = _flag(0.0, "dropout on embeddings and residual branches")
+    num_blocks: int = _flag(6, "number of transformer blocks", on_resume=MATCH)
+    num_heads: int = _flag(8, "attention heads per block (must divide embedding_dim)", on_resume=MATCH)
+    embedding_dim: int = _flag(512, "width of the residual stream", on_resume=MATCH)
+    context_len: int = _flag(1024, "tokens of context the model sees", on_resume=MATCH)
+    pos_emb: str = _flag("rope", "position encoding: rotary or a learned table", ("rope", "learned"), on_resume=MATCH)
+    activation: str = _flag("relu2", "MLP nonlinearity: squared ReLU or GELU", ("relu2", "gelu"), on_resume=MATCH)
+    qk_norm: bool = _flag(True, "RMS-normalise queries and keys before attention", on_resume=MATCH)
+    attn_sink: bool = _flag(True, "learned per-head attention-sink logit in every softmax denominator", on_resume=MATCH)
+    logit_softcap: float = _flag(0.0, "cap logits smoothly at +-this value (0 = off)", on_resume=MATCH)
+    dropout: float = _flag(0.0, "dropout on embeddings and residual branches", on_resume=NOTICE)
     # training
-    lr: float = _flag(3e-4, "AdamW learning rate (embeddings, head, norms, sinks; everything with --use_muon False)")
-    muon_lr: float = _flag(0.02, "Muon learning rate for the hidden matrices")
-    muon_ns_steps: int = _flag(5, "Newton-Schulz iterations per Muon update (fewer are cheaper, rougher)")
-    use_muon: bool = _flag(True, "Muon for 2-D hidden matrices, AdamW for the rest; False = AdamW for all")
-    weight_decay: float = _flag(0.0, "decoupled weight decay on the matrices (AdamW and Muon)")
-    grad_clip: float = _flag(1.0, "clip the global gradient norm to this (0 = off)")
-    batch_size: int = _flag(8, "sequences per micro-batch")
-    accumulation_steps: int = _flag(4, "micro-batches accumulated into one optimizer step")
+    lr: float = _flag(
+        3e-4, "AdamW learning rate (embeddings, head, norms, sinks; everything with --use_muon False)", on_resume=NOTICE
+    )
+    muon_lr: float = _flag(0.02, "Muon learning rate for the hidden matrices", on_resume=NOTICE)
+    muon_ns_steps: int = _flag(
+        5, "Newton-Schulz iterations per Muon update (fewer are cheaper, rougher)", on_resume=NOTICE
+    )
+    use_muon: bool = _flag(
+        True, "Muon for 2-D hidden matrices, AdamW for the rest; False = AdamW for all", on_resume=MATCH
+    )
+    weight_decay: float = _flag(0.0, "decoupled weight decay on the matrices (AdamW and Muon)", on_resume=NOTICE)
+    grad_clip: float = _flag(1.0, "clip the global gradient norm to this (0 = off)", on_resume=NOTICE)
+    batch_size: int = _flag(8, "sequences per micro-batch", on_resume=NOTICE)
+    accumulation_steps: int = _flag(4, "micro-batches accumulated into one optimizer step", on_resume=NOTICE)
     epochs: int = _flag(1, "passes over the training tokens (used when --max_steps is None)")
     max_steps: int | None = _flag(1000, "optimizer steps to run; overrides --epochs (None = use --epochs)")
-    warmup_steps: int = _flag(100, "linear learning-rate warmup steps")
+    warmup_steps: int = _flag(100, "linear learning-rate warmup steps", on_resume=NOTICE)
     lr_schedule: str = _flag(
         "cosine",
         "decay after warmup: cosine, linear, wsd (flat then linear), constant",
         ("cosine", "linear", "wsd", "constant"),
+        on_resume=NOTICE,
     )
-    min_lr_frac: float = _flag(0.1, "the decay ends at this fraction of the peak learning rate")
-    cooldown_frac: float = _flag(0.4, "wsd only: fraction of the run spent decaying")
+    min_lr_frac: float = _flag(0.1, "the decay ends at this fraction of the peak learning rate", on_resume=NOTICE)
+    cooldown_frac: float = _flag(0.4, "wsd only: fraction of the run spent decaying", on_resume=NOTICE)
     time_budget_s: float | None = _flag(None, "stop after this many seconds of training, then run the final evaluation")
-    seed: int = _flag(1337, "random seed (python, numpy, torch)")
+    seed: int = _flag(1337, "random seed (python, numpy, torch)", on_resume=MATCH)
     # data
     data_path: str = _flag(
         "data/tiny_shakespeare.txt", "UTF-8 text to train on (Tiny Shakespeare is downloaded if missing)"
     )
     tokenizer: str = _flag(
-        "gpt2", "gpt2, o200k_base (tiktoken) or char (characters of the text)", ("gpt2", "o200k_base", "char")
+        "gpt2",
+        "gpt2, o200k_base (tiktoken) or char (characters of the text)",
+        ("gpt2", "o200k_base", "char"),
+        on_resume=MATCH,
     )
-    val_frac: float = _flag(0.1, "fraction of the tokens held out for validation (the end of the text)")
+    val_frac: float = _flag(
+        0.1, "fraction of the tokens held out for validation (the end of the text)", on_resume=MATCH
+    )
     # evaluation and logging
     eval_every: int = _flag(100, "evaluate on the fixed validation batches every N steps (0 = only at the end)")
     eval_steps: int = _flag(20, "validation batches per periodic evaluation (the final one covers the whole split)")
@@ -195,7 +213,7 @@ _NANOGPT_CPU: dict[str, Any] = dict(
 
 # Named sets of defaults. Explicit flags override them; the dataclass defaults above are the GPU defaults.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The README's first run: the nanoGPT shape with twice the context, writing Shakespeare-like text in ~3 CPU minutes.
+    # The first run (README): the nanoGPT shape with twice the context, writing Shakespeare-like text in ~3 CPU minutes.
     "cpu": {**_NANOGPT_CPU, "context_len": 128, "max_steps": 1500, "log_every": 100, "sample_tokens": 300},
     "nanogpt-cpu": _NANOGPT_CPU,
     # nanoGPT's Tiny Shakespeare GPU shape (6 x 6 x 384, context 256, batch 64): val 1.468 in 600 steps on an H200.
@@ -218,7 +236,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "log_every": 100,
     },
     # The CPU speedrun: best val loss in 90 s of training. The schedule runs on the clock (max_steps only caps it);
-    # each choice measured against the nanogpt-cpu base in the README's speedrun table.
+    # each choice measured against the nanogpt-cpu base in docs/results.md's speedrun table.
     "speedrun-cpu": {
         **_NANOGPT_CPU,
         "context_len": 128,
@@ -244,7 +262,9 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True/False/true/false/1/0, got {text!r}")
 
 
-def _parser_for(kind: Any, optional: bool):
+def flag_type(kind: Any, optional: bool = False):
+    """An argparse `type` for bool, int, float or str flags (True/False/1/0 for bools; "None" when optional) whose
+    errors say what was expected."""
     base = {bool: parse_bool, int: int, float: float, str: str}[kind]
 
     def parse(text: str):
@@ -261,13 +281,15 @@ def _parser_for(kind: Any, optional: bool):
     return parse
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that raises UserError (one line, exit status 2) instead of printing its usage block."""
+
     def error(self, message: str):  # argparse would print the whole usage block and exit
         raise UserError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="train.py",
         description="Train a GPT on Tiny Shakespeare (or any text). Flags take --flag value or --flag=value.",
         allow_abbrev=False,
@@ -282,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = "None" if f.default is None else f.default
         parser.add_argument(
             f"--{name}",
-            type=_parser_for(kind, optional),
+            type=flag_type(kind, optional),
             choices=choices,
             metavar=kind.__name__.upper() if choices is None else "{" + ",".join(choices) + "}",
             help=f"{f.metadata['help']} (default: {default})",

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_checkpoint
-from config import UserError, _OneLineParser, _parser_for
+from config import OneLineParser, UserError, flag_type
 from inference import CASES_PATH, Settings, StreamDecoder, encode_prompt, format_table, load_cases, run_cases
 from model import GPT
 from tokenizer import Tokenizer, tokenizer_from_dict
@@ -27,12 +27,12 @@ from utils import resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(  # raises UserError instead of printing the usage block and exiting
+    parser = OneLineParser(
         prog="sample.py",
         description="Sample from a checkpoint, or run the inference cases. Flags take --flag value or --flag=value.",
         allow_abbrev=False,
     )
-    integer, number, boolean = _parser_for(int, False), _parser_for(float, False), _parser_for(bool, False)
+    integer, number, boolean = flag_type(int), flag_type(float), flag_type(bool)
     default = Settings()  # the sampling defaults live in one place
     add = parser.add_argument
     add("--checkpoint", required=True, help="a step_* checkpoint folder, or a run folder (uses its latest)")
@@ -47,13 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--temperature", type=number, default=default.temperature, help="0 = greedy (default: %(default)s)")
     add(
         "--top_k",
-        type=_parser_for(int, True),
+        type=flag_type(int, True),
         default=default.top_k,
         help="the k likeliest ids; None = all (default: %(default)s)",
     )
     add(
         "--top_p",
-        type=_parser_for(float, True),
+        type=flag_type(float, True),
         default=default.top_p,
         help="the likeliest ids up to this mass (default: %(default)s)",
     )

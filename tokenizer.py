@@ -50,7 +50,7 @@ class TiktokenTokenizer:
         except Exception as error:
             raise UserError(
                 f"could not load the {name} tokenizer ({type(error).__name__}); offline? put its files in a folder "
-                "named as tiktoken caches them and set TIKTOKEN_CACHE_DIR to it (see README), or use --tokenizer char"
+                "named as tiktoken caches them and set TIKTOKEN_CACHE_DIR to it (see docs/data.md), or use --tokenizer char"
             ) from None
         self.name = name
         self.vocab_size = self._enc.n_vocab

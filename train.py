@@ -1,8 +1,10 @@
 """Train a GPT: `uv run train.py --preset cpu` (see README for every flag).
 
-The loop wires the modules together: config -> data -> model -> optimizers -> steps, with evaluation, logs
-(console, runs/<run>/metrics.jsonl, optional wandb), checkpoints and a few samples at the end.
-Under `torchrun --nproc_per_node=N -- train.py ...` it trains data-parallel with DDP (README: multiple GPUs and nodes).
+setup() wires config -> data -> model -> optimizers; the loop in run() takes optimizer steps (Trainer.step), logs and
+evaluates (log_step), saves (save) and stops at the last step, on the clock or on a signal; finish() runs the final
+evaluation, samples and summary. LoopState is what the loop carries from step to step, and the one definition of a
+checkpoint's state.json. Under `torchrun --nproc_per_node=N -- train.py ...` it trains data-parallel with DDP
+(docs/multi-gpu.md).
 """
 
 from __future__ import annotations
@@ -14,43 +16,26 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from checkpoint import (
-    check_loop_state,
-    compare_configs,
-    compare_data,
-    load_optimizer_state,
-    load_rng_state,
-    load_weights,
-    rank_rng_state,
-    read_checkpoint,
-    resolve_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    unwrap,
-)
+from checkpoint import Resume, read_resume, rng_state, save_checkpoint, saved_config
 from config import Config, UserError, parse_args
-from data import (
-    TrainBatches,
-    fixed_val_batches,
-    full_val_batches,
-    load_dataset,
-    to_device,
-    token_fingerprint,
-)
+from data import TrainBatches, fixed_val_batches, full_val_batches, load_dataset, to_device, token_fingerprint
 from distributed import Distributed, init_distributed
 from inference import format_table, run_cases
 from model import GPT, generate
 from optimizer import Muon, build_optimizers, lr_multiplier, set_lr
 from records import RunRecorder, default_run_name
+from tokenizer import Tokenizer
 from utils import (
     StopSignals,
+    autocast_for,
     banner,
     check_writable,
     flops_per_token,
@@ -64,52 +49,168 @@ from utils import (
 )
 
 MAX_SKIPS_IN_A_ROW = 10  # with --skip_nonfinite: this many bad steps in a row means the run diverged
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-class LossFunction:
-    """The model's training loss, compiled when asked; if compilation fails on first use, one warning and eager from
-    then on."""
+@dataclass
+class LoopState:
+    """What the loop carries from one step to the next. state_dict() is a checkpoint's state.json (checkpoint.py
+    adds the model's vocab_size) and load_state_dict() its one reader."""
 
-    def __init__(self, model: torch.nn.Module, compile_it: bool):
-        self.model = model
-        self.fn = torch.compile(model) if compile_it else model
-        self.compiled = compile_it
+    run: str = ""  # the run's name: runs/<run>/ and <save_model_dir>/<run>/
+    data: dict[str, Any] = field(default_factory=dict)  # the training tokens' fingerprint: a resume must match it
+    world_size: int = 1
+    wandb_id: str | None = None
+    step: int = 0  # optimizer steps done
+    train_seconds: float = 0.0  # time spent in steps (evaluation and saving excluded): --time_budget_s's clock
+    eval_seconds: float = 0.0
+    best_val_loss: float = math.inf
+    batches: TrainBatches | None = None  # the data position is its state_dict()
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # the log interval in progress: its
+    loss_count: int = 0  # summed step losses (on the device: no sync per step) and their count
+    # not saved: this process's bookkeeping
+    first_bad_step: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))  # 0 = none yet
+    skipped_in_a_row: int = 0
+    interval_start: float = field(default_factory=time.perf_counter)
+    interval_steps: int = 0
+    last_checkpoint: Path | None = None  # the newest checkpoint this run wrote
+    resumed_from: Path | None = None
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.fn(x, y)
+    SAVED: ClassVar = ("run", "data", "world_size", "wandb_id", "step", "train_seconds", "eval_seconds", "loss_count")
 
-    def warm_up(self, x: torch.Tensor, y: torch.Tensor, autocast) -> None:
-        """Compile forward and backward now (outside the timed loop), falling back to eager on any failure.
-        Under the loop's autocast: a change of autocast state would recompile at the first step."""
-        if not self.compiled:
-            return
-        print("compiling the model (the first step takes a while) ...", flush=True)
-        started = time.perf_counter()
-        try:
-            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-                with autocast():
-                    loss = self(x, y)
-                loss.backward()
-        except Exception as error:  # any compiler failure: training must go on
-            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            print(
-                f"warning: torch.compile failed ({type(error).__name__}: {message[:160]}); training in eager mode",
-                flush=True,
+    def to(self, device: torch.device) -> LoopState:
+        self.loss_sum, self.first_bad_step = self.loss_sum.to(device), self.first_bad_step.to(device)
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        best, position = self.best_val_loss if math.isfinite(self.best_val_loss) else None, self.batches.state_dict()
+        return {**{k: getattr(self, k) for k in self.SAVED}, "best_val_loss": best, "batches": position,
+                "loss_sum": self.loss_sum.item()}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any], folder: Path) -> None:
+        """Continue where a checkpoint left off (this run's data and world size are its own)."""
+        missing = [k for k in self.state_dict() if k not in state and k not in ("data", "world_size", "wandb_id")]
+        if missing:
+            raise UserError(
+                f"checkpoint {folder} lacks the training state to resume ({', '.join(missing)} in state.json); "
+                "it can still be sampled from"
             )
-            self.fn, self.compiled = self.model, False
-        finally:
-            self.model.zero_grad(set_to_none=True)
-        if self.compiled:
-            print(f"compiled in {time.perf_counter() - started:.1f}s", flush=True)
+        for key in ("run", "step", "train_seconds", "eval_seconds", "loss_count"):
+            setattr(self, key, state[key])
+        self.wandb_id, self.resumed_from = state.get("wandb_id"), folder
+        self.best_val_loss = math.inf if state["best_val_loss"] is None else state["best_val_loss"]
+        self.batches.load_state_dict(state["batches"])
+        self.loss_sum.fill_(state["loss_sum"])
+
+
+def compile_loss(model: torch.nn.Module, compile_it: bool, x: torch.Tensor, y: torch.Tensor, autocast) -> Callable:
+    """The training loss `loss(x, y)`: the model compiled now, forward and backward on one batch under the loop's
+    autocast (a change of autocast state would recompile at the first step); on any compiler failure, one warning
+    and the eager model."""
+    if not compile_it:
+        return model
+    print("compiling the model (the first step takes a while) ...", flush=True)
+    started, compiled = time.perf_counter(), torch.compile(model)
+    try:
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            with autocast():
+                loss = compiled(x, y)
+            loss.backward()
+    except Exception as error:  # any compiler failure: training must go on
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        print(
+            f"warning: torch.compile failed ({type(error).__name__}: {message[:160]}); training in eager mode",
+            flush=True,
+        )
+        return model
+    finally:
+        model.zero_grad(set_to_none=True)
+    print(f"compiled in {time.perf_counter() - started:.1f}s", flush=True)
+    return compiled
+
+
+@dataclass
+class Trainer:
+    """What one optimizer step needs; bench/bench_train.py times this same step."""
+
+    cfg: Config
+    model: GPT  # the plain model: evaluation, saving, sampling
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # its training loss: compiled, DDP-wrapped
+    optimizers: list[torch.optim.Optimizer]
+    batches: TrainBatches
+    total_steps: int
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    ctx: Distributed = field(default_factory=Distributed)
+    ddp: DistributedDataParallel | None = None
+
+    def __post_init__(self) -> None:
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # what the gradient clipping sees
+        cfg = self.cfg
+        self.tokens_per_step = cfg.batch_size * cfg.context_len * cfg.accumulation_steps * self.ctx.world_size
+        matrices = self.model.num_params()["non_embedding"]
+        flops = flops_per_token(matrices, cfg.num_blocks, cfg.num_heads, cfg.head_dim, cfg.context_len)
+        self.step_flops = self.tokens_per_step * flops  # for MFU
+
+    def step(self, state: LoopState) -> tuple[float, torch.Tensor]:
+        """Optimizer step state.step + 1: accumulated micro-batches, clipping, the update; (lr multiplier, grad
+        norm). A non-finite loss or gradient is noted on the device (no sync) or, with --skip_nonfinite, skipped."""
+        cfg, step = self.cfg, state.step + 1
+        lr_mult = lr_multiplier(step - 1, self.total_steps, cfg, state.train_seconds / (cfg.time_budget_s or math.inf))
+        set_lr(self.optimizers, lr_mult)
+        step_loss = torch.zeros((), device=state.loss_sum.device)
+        for micro in range(cfg.accumulation_steps):
+            x, y = self.batches.next_batch()
+            last = micro == cfg.accumulation_steps - 1  # DDP averages the gradients in the last backward only
+            with contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync():
+                with self.autocast():
+                    loss = self.loss(x, y) / cfg.accumulation_steps  # the mean over micro-batches, like one big batch
+                loss.backward()
+            step_loss += loss.detach()
+        self.ctx.average_(step_loss)  # the loss of the whole step on every rank, so all ranks decide alike
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
+        if cfg.skip_nonfinite and not finite.item():  # the flag costs one device sync per step
+            state.skipped_in_a_row += 1
+            print(f"warning: step {step}: non-finite loss or gradient; skipped (--skip_nonfinite)", flush=True)
+            if state.skipped_in_a_row == MAX_SKIPS_IN_A_ROW:
+                raise diverged(state, f"{MAX_SKIPS_IN_A_ROW} steps in a row were non-finite (the last: step {step})")
+        else:
+            state.first_bad_step = torch.where(finite | (state.first_bad_step > 0), state.first_bad_step, step)
+            for optimizer in self.optimizers:
+                optimizer.step()
+            state.loss_sum += step_loss
+            state.loss_count, state.skipped_in_a_row = state.loss_count + 1, 0
+        self.model.zero_grad(set_to_none=True)
+        state.step, state.interval_steps = step, state.interval_steps + 1
+        return lr_mult, grad_norm
+
+
+@dataclass
+class Job:
+    """Everything one training job wires together (setup() builds it) around the step."""
+
+    trainer: Trainer
+    device: torch.device
+    tokenizer: Tokenizer
+    val_ids: torch.Tensor
+    val_fixed: Batches  # the fixed batches of the periodic evaluations
+    recorder: RunRecorder
+    save_dir: Path
+    resume: Resume | None
+    peak: float | None  # FLOP/s of the devices in use, for MFU
+
+    @property
+    def cfg(self) -> Config:
+        return self.trainer.cfg
+
+    @property
+    def ctx(self) -> Distributed:
+        return self.trainer.ctx
 
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
-    autocast,
-    device: torch.device,
-    ctx: Distributed | None = None,
+    model: torch.nn.Module, batches: Batches, autocast, device: torch.device, ctx: Distributed | None = None
 ) -> float:
     """Mean loss per target token over the given batches; under torchrun each rank takes every world_size-th batch
     and the sums are added up. Eager on purpose: eval mode and the final partial batch would each cost a
@@ -142,77 +243,113 @@ def train(cfg: Config) -> dict[str, Any]:
 
 
 def run(cfg: Config, ctx: Distributed, device: torch.device) -> dict[str, Any]:
-    """train() for this process, given its place in the job."""
-    resume = resolve_checkpoint(cfg.resume) if cfg.resume else None
+    """train() for this process, given its place in the job: the loop."""
+    job, state = setup(cfg, ctx, device)
+    trainer, stop_signum = job.trainer, 0
+    with job.recorder, StopSignals() as signals:
+        for _ in range(state.step, trainer.total_steps):
+            # --- one optimizer step ---
+            step_start = time.perf_counter()
+            lr_mult, grad_norm = trainer.step(state)
+            step = state.step
+
+            # --- log and evaluate (the loss's .item() is the only sync: time the step after it) ---
+            evaluate_now = bool(cfg.eval_every) and step % cfg.eval_every == 0 and step != trainer.total_steps
+            if step % cfg.log_every == 0 or step == trainer.total_steps or evaluate_now:
+                log_step(job, state, lr_mult, grad_norm, step_start, evaluate_now)
+            else:
+                state.train_seconds += time.perf_counter() - step_start
+
+            # --- save ---
+            if cfg.save_model and cfg.save_every and step % cfg.save_every == 0 and step != trainer.total_steps:
+                state.last_checkpoint = save(job, state)
+                print(f"saved {state.last_checkpoint}", flush=True)
+
+            # --- stop? All ranks stop at the same step: on the first signal any got, by the slowest clock ---
+            stop_signum, state.train_seconds = ctx.all_reduce(signals.signum or 0, state.train_seconds, op="max")
+            if cfg.time_budget_s and state.train_seconds >= cfg.time_budget_s:
+                print(f"time budget of {cfg.time_budget_s:g}s reached at step {step}", flush=True)
+                break
+            if stop_signum:
+                break
+
+        # --- the end: a signal skips the final evaluation (the user asked to stop), never the save ---
+        final_val = None if stop_signum else final_evaluation(job, state)
+        just_saved = state.last_checkpoint and state.last_checkpoint.name == f"step_{state.step:06d}"
+        if cfg.save_model and not (stop_signum and just_saved):
+            state.last_checkpoint = save(job, state)
+    signum = int(stop_signum) or signals.signum  # (one that came after the last step counts for the exit status)
+    return finish(job, state, signal.Signals(signum).name if signum else None, final_val)
+
+
+def setup(cfg: Config, ctx: Distributed, device: torch.device) -> tuple[Job, LoopState]:
+    """Check the outputs and the checkpoint to resume, then build data, model, optimizers, records; compile."""
+    resume = read_resume(cfg.resume, cfg, ctx.world_size) if cfg.resume else None
     check_writable(cfg.runs_dir, "--runs_dir")
     if cfg.save_model:
-        check_writable(resume.parent if resume else cfg.save_model_dir, "--save_model_dir")
-    if resume:
-        saved_config, saved_tokenizer, saved = read_checkpoint(resume)
-        check_loop_state(resume, saved)
-        changed = compare_configs(resume, saved_config, cfg)
+        check_writable(resume.folder.parent if resume else cfg.save_model_dir, "--save_model_dir")
     seed_everything(cfg.seed)
     torch.set_float32_matmul_precision("high")
-    compile_it = cfg.torch_compile
-    if compile_it and device.type == "mps":
+    compile_it = cfg.torch_compile and device.type != "mps"
+    if cfg.torch_compile and not compile_it:
         print("notice: torch.compile is off on MPS (not yet reliable there)")
-        compile_it = False
     dtype = resolve_dtype(cfg.dtype, device, compile_it)
-
     if device.type == "cpu" and cfg.preset is None and cfg.embedding_dim * cfg.context_len >= 512 * 1024:
         print("notice: these are the GPU-sized defaults and will be slow on a CPU; try --preset cpu", flush=True)
+
     tokenizer, train_ids, val_ids = load_dataset(cfg)
-    data_id = token_fingerprint(train_ids, val_ids)
     model = GPT(cfg, tokenizer.vocab_size).to(device)
     optimizers = build_optimizers(model, cfg, compile_it, ctx.rank, ctx.world_size)
     batches = TrainBatches(train_ids, cfg.batch_size, cfg.context_len, cfg.seed, device, ctx.rank, ctx.world_size)
     if ctx.rank:  # its own dropout masks; rank 0 keeps the single-process stream (resume restores each rank's own)
         torch.manual_seed(cfg.seed + ctx.rank)
-    start_step, train_seconds, eval_seconds, best_val, loss_total, loss_count = 0, 0.0, 0.0, math.inf, 0.0, 0
+    state = LoopState(data=token_fingerprint(train_ids, val_ids), world_size=ctx.world_size, batches=batches).to(device)
     if resume:  # everything but the RNGs, which are set last, after start-up has drawn from them
-        compare_data(resume, saved_tokenizer, saved, tokenizer.to_dict(), data_id)
-        load_weights(resume, model)
-        load_optimizer_state(resume, optimizers)
-        rng = load_rng_state(resume)
-        batches.load_state_dict(saved["batches"])
-        start_step, train_seconds, eval_seconds = saved["step"], saved["train_seconds"], saved["eval_seconds"]
-        best_val = math.inf if saved["best_val_loss"] is None else saved["best_val_loss"]
-        loss_total, loss_count = saved["loss_sum"], saved["loss_count"]  # the log interval in progress
-        if saved.get("world_size", 1) != ctx.world_size:
-            changed.append(f"{ctx.world_size} ranks (was {saved.get('world_size', 1)})")
+        resume.restore(model, optimizers, tokenizer.to_dict(), state.data)
+        state.load_state_dict(resume.state, resume.folder)
     steps_per_epoch = max(1, batches.batches_per_epoch // cfg.accumulation_steps)
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-    tokens_per_step = cfg.batch_size * cfg.context_len * cfg.accumulation_steps * ctx.world_size  # all ranks
     val_fixed = fixed_val_batches(val_ids, cfg.batch_size, cfg.context_len, cfg.eval_steps)
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
+    autocast = autocast_for(dtype, device)
     ddp = None
     if ctx.active:  # DDP averages the gradients over ranks
         ddp = DistributedDataParallel(model, [device] if device.type == "cuda" else None)
         ddp.broadcast_buffers = False  # the buffers (rotary tables, vocab mask) are constants: no sync per forward
-    loss_fn = LossFunction(ddp or model, compile_it)
 
     params = model.num_params()
-    step_flops = tokens_per_step * flops_per_token(
-        params["non_embedding"], cfg.num_blocks, cfg.num_heads, cfg.head_dim, cfg.context_len
-    )
     peak, peak_source = peak_flops(device, dtype, cfg.peak_flops) if ctx.is_main else (None, "")
     if peak and ctx.active:  # MFU counts every rank's work, so it is against the peak of every device in use
         peak, peak_source = peak * ctx.world_size, f"{ctx.world_size} x {peak_source}"
+    name = state.run if resume else re.sub(r"[^\w.-]+", "-", cfg.run or "").strip("-") or default_run_name()
     info = {"vocab_size": tokenizer.vocab_size, "params": params, "device": str(device), "world_size": ctx.world_size}
-    recorder = RunRecorder(
-        cfg,
-        saved["run"] if resume else re.sub(r"[^\w.-]+", "-", cfg.run or "").strip("-") or default_run_name(),
-        {**info, "train_tokens": len(train_ids)},
-        resume_step=start_step if resume else None,
-        wandb_id=saved.get("wandb_id") if resume else None,
-        enabled=ctx.is_main,
-    )
+    info = {**info, "train_tokens": len(train_ids)}
+    recorder = RunRecorder(cfg, name, info, state.step if resume else None, state.wandb_id, enabled=ctx.is_main)
+    state.run, state.wandb_id = recorder.name, recorder.wandb_id
     # a resumed run saves beside its checkpoint; a new one under the name rank 0 picked
-    save_dir = resume.parent if resume else Path(cfg.save_model_dir) / ctx.broadcast(recorder.name)
+    save_dir = resume.folder.parent if resume else Path(cfg.save_model_dir) / ctx.broadcast(recorder.name)
+    trainer = Trainer(cfg, model, model, optimizers, batches, total_steps, autocast, ctx, ddp)
+    job = Job(trainer, device, tokenizer, val_ids, val_fixed, recorder, save_dir, resume, peak)
+    print_banner(job, state, compile_it, dtype, peak_source)
+
+    trainer.loss = compile_loss(ddp or model, compile_it, *(to_device(t, device) for t in val_fixed[0]), autocast)
+    for optimizer in optimizers:  # like the loss: compile now what the first step would compile, not in the loop
+        if isinstance(optimizer, Muon):
+            optimizer.warm_up()
+    if resume:
+        resume.restore_rng(ctx.rank)
+    state.interval_start = time.perf_counter()
+    return job, state
+
+
+def print_banner(job: Job, state: LoopState, compile_it: bool, dtype: torch.dtype, peak_source: str) -> None:
+    """The start-of-run summary, and the notices of a resumed run."""
+    cfg, ctx, device, params = job.cfg, job.ctx, job.device, job.trainer.model.num_params()
+    train_tokens = len(job.trainer.batches.tokens)
+    total_steps, tokens_per_step = job.trainer.total_steps, job.trainer.tokens_per_step
     banner(
         {
-            "run": f"{recorder.name}  (records in {recorder.dir})",
-            **({"resume": f"{resume} at step {start_step}"} if resume else {}),
+            "run": f"{job.recorder.name}  (records in {job.recorder.dir})",
+            "resume": f"{job.resume.folder} at step {state.step}" if job.resume else None,
             "device": f"{device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else str(device),
             "ranks": f"{ctx.world_size} processes ({ctx.backend}), batch {cfg.batch_size} each" if ctx.active else None,
             "dtype": f"{str(dtype).removeprefix('torch.')}, compile {'on' if compile_it else 'off'}",
@@ -220,217 +357,158 @@ def run(cfg: Config, ctx: Distributed, device: torch.device) -> dict[str, Any]:
             f"{cfg.pos_emb}, {cfg.activation}{', qk-norm' if cfg.qk_norm else ''}{', sink' if cfg.attn_sink else ''}",
             "params": f"{human(params['total'])} total = {human(params['embedding'])} embedding + "
             f"{human(params['non_embedding'])} other (head included)",
-            "data": f"{cfg.data_path}: {human(len(train_ids))} train / {human(len(val_ids))} val tokens, "
-            f"tokenizer {cfg.tokenizer} ({tokenizer.vocab_size} ids)",
+            "data": f"{cfg.data_path}: {human(train_tokens)} train / {human(len(job.val_ids))} val tokens, "
+            f"tokenizer {cfg.tokenizer} ({job.tokenizer.vocab_size} ids)",
             "steps": f"{total_steps} x {tokens_per_step} tokens ({cfg.batch_size} x {cfg.context_len} x "
             f"{cfg.accumulation_steps} accumulation{f' x {ctx.world_size} ranks' if ctx.active else ''}) = "
-            f"{total_steps * tokens_per_step / len(train_ids):.2f} epochs",
+            f"{total_steps * tokens_per_step / train_tokens:.2f} epochs",
             "optimizer": (
                 f"Muon lr {cfg.muon_lr} (hidden matrices) + AdamW lr {cfg.lr}" if cfg.use_muon else f"AdamW lr {cfg.lr}"
             )
             + f", {cfg.lr_schedule} schedule, warmup {cfg.warmup_steps}",
-            "MFU peak": f"{peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else f"n/a ({peak_source})",
-            "saving": f"{save_dir} (--keep_checkpoints {cfg.keep_checkpoints})"
+            "MFU peak": f"{job.peak / 1e12:.3g} TFLOP/s ({peak_source})" if job.peak else f"n/a ({peak_source})",
+            "saving": f"{job.save_dir} (--keep_checkpoints {cfg.keep_checkpoints})"
             if cfg.save_model
             else "off (--save_model True to keep the weights)",
         },
     )
-    if resume and changed:
-        print(f"notice: resuming with {', '.join(changed)}; the run will differ from an uninterrupted one", flush=True)
-    if start_step >= total_steps:
-        print(f"notice: the checkpoint is at step {start_step} of {total_steps}; raise --max_steps to train on")
+    if job.resume and job.resume.changes:
+        changes = ", ".join(job.resume.changes)
+        print(f"notice: resuming with {changes}; the run will differ from an uninterrupted one", flush=True)
+    if state.step >= total_steps:
+        print(f"notice: the checkpoint is at step {state.step} of {total_steps}; raise --max_steps to train on")
 
-    loss_fn.warm_up(*(to_device(t, device) for t in val_fixed[0]), autocast)
-    for optimizer in optimizers:  # like the loss: compile now what the first step would compile, not in the loop
-        if isinstance(optimizer, Muon):
-            optimizer.warm_up()
-    if resume and (mine := rank_rng_state(rng, ctx.rank)):  # (a rank the saving job lacked keeps its fresh seed)
-        set_rng_state(mine)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    last_ckpt, step, stopped_early, skipped_in_a_row, stop_signum = None, start_step, False, 0, 0
-    interval_start, interval_steps = time.perf_counter(), 0
-    loss_sum = torch.tensor(loss_total, device=device)  # summed step losses of the log interval, on the device
-    first_bad = torch.zeros((), dtype=torch.long, device=device)  # first non-finite step; on the device: no sync
 
-    def diverged(what: str) -> UserError:
-        good = last_ckpt or resume
-        advice = "lower --lr / --muon_lr, raise --warmup_steps, or pass --skip_nonfinite True"
-        if good:
-            return UserError(f"{what}; the last good checkpoint is {good}: resume from it and {advice}")
-        return UserError(f"{what}; no checkpoint was written: {advice}")
+def log_step(
+    job: Job, state: LoopState, lr_mult: float, grad_norm: torch.Tensor, step_start: float, evaluate_now: bool
+) -> None:
+    """One record (console, metrics.jsonl, wandb) for the log interval that ends at this step, with the periodic
+    evaluation when it is due; the interval starts afresh."""
+    cfg, trainer, step = job.cfg, job.trainer, state.step
+    check_finite(state)
+    loss = state.loss_sum.item() / state.loss_count if state.loss_count else math.nan  # .item(): time only after it
+    now = time.perf_counter()
+    state.train_seconds += now - step_start
+    step_ms = (now - state.interval_start) / state.interval_steps * 1000
+    record = {
+        "step": step,
+        "loss": round(loss, 5),
+        "lr": cfg.lr * lr_mult,
+        "muon_lr": cfg.muon_lr * lr_mult if cfg.use_muon else None,
+        "grad_norm": round(float(grad_norm), 5),
+        "step_ms": round(step_ms, 2),
+        "tok_per_s": round(trainer.tokens_per_step / step_ms * 1000, 1),
+        "mfu": round(trainer.step_flops / (step_ms / 1000) / job.peak, 4) if job.peak else None,
+        "epoch": round(step * trainer.tokens_per_step / len(trainer.batches.tokens), 4),
+        "elapsed_s": round(state.train_seconds, 3),
+    }
+    if evaluate_now:
+        eval_start = time.perf_counter()
+        record["val_loss"] = round(
+            evaluate(job.trainer.model, job.val_fixed, job.trainer.autocast, job.device, job.ctx), 5
+        )
+        state.best_val_loss = min(state.best_val_loss, record["val_loss"])
+        state.eval_seconds += time.perf_counter() - eval_start
+    job.recorder.log(record)
+    print(format_line(record, job.trainer.total_steps), flush=True)
+    state.loss_sum.zero_()
+    state.loss_count, state.interval_start, state.interval_steps = 0, time.perf_counter(), 0
 
-    def check_finite() -> None:
-        if bad := int(first_bad):
-            raise diverged(f"the loss or gradient became non-finite at step {bad}")
 
-    def save(step: int) -> Path:
-        """A checkpoint of everything needed to continue after `step`; never one of non-finite weights. Every rank
-        calls it (the ranks' random generators are gathered); rank 0 alone writes."""
-        check_finite()
-        if not torch.stack([torch.isfinite(p).all() for p in parameters]).all():
-            raise diverged(f"the weights became non-finite by step {step} (an update too large); not saving them")
-        rngs = ctx.gather(rng_state(device))
-        if not ctx.is_main:
-            return save_dir / f"step_{step:06d}"
-        state = {
-            "run": recorder.name,
-            "data": data_id,
-            "batches": batches.state_dict(),
-            "train_seconds": train_seconds,
-            "eval_seconds": eval_seconds,
-            "best_val_loss": best_val if math.isfinite(best_val) else None,
-            "loss_sum": loss_sum.item(),
-            "loss_count": loss_count,
-            "wandb_id": recorder.wandb_id,
-            "world_size": ctx.world_size,
-        }
-        rng = {**rngs[0], "ranks": rngs[1:]} if ctx.active else rngs[0]
-        return save_checkpoint(save_dir, step, model, tokenizer.to_dict(), optimizers, state, rng, cfg.keep_checkpoints)
+def final_evaluation(job: Job, state: LoopState) -> float:
+    """The loss over the whole validation split, recorded as the run's final record."""
+    check_finite(state)
+    print(f"final evaluation on the whole validation split ({len(job.val_ids)} tokens) ...", flush=True)
+    eval_start = time.perf_counter()
+    batches = full_val_batches(job.val_ids, job.cfg.batch_size, job.cfg.context_len)
+    val = evaluate(job.trainer.model, batches, job.trainer.autocast, job.device, job.ctx)
+    state.eval_seconds += time.perf_counter() - eval_start
+    state.best_val_loss = min(state.best_val_loss, val)
+    job.recorder.log(
+        {"step": state.step, "val_loss": round(val, 5), "final": True, "elapsed_s": round(state.train_seconds, 3)}
+    )
+    return val
 
-    with recorder, StopSignals() as signals:
-        for step in range(start_step + 1, total_steps + 1):
-            step_start = time.perf_counter()
-            time_frac = train_seconds / cfg.time_budget_s if cfg.time_budget_s else 0.0
-            lr_mult = lr_multiplier(step - 1, total_steps, cfg, time_frac)
-            set_lr(optimizers, lr_mult)
-            step_loss = torch.zeros((), device=device)
-            for micro in range(cfg.accumulation_steps):
-                x, y = batches.next_batch()
-                # DDP averages the gradients over ranks in the last micro-step's backward only
-                last = micro == cfg.accumulation_steps - 1
-                with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
-                    with autocast():
-                        loss = loss_fn(x, y) / cfg.accumulation_steps  # the mean over micro-batches, like one big batch
-                    loss.backward()
-                step_loss += loss.detach()
-            ctx.average_(step_loss)  # the loss of the whole step on every rank, so all ranks decide alike
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
-            if cfg.skip_nonfinite and not finite.item():  # the flag costs one device sync per step
-                skipped_in_a_row += 1
-                print(f"warning: step {step}: non-finite loss or gradient; skipped (--skip_nonfinite)", flush=True)
-                if skipped_in_a_row == MAX_SKIPS_IN_A_ROW:
-                    raise diverged(f"{MAX_SKIPS_IN_A_ROW} steps in a row were non-finite (the last: step {step})")
-            else:
-                first_bad = torch.where(finite | (first_bad > 0), first_bad, step)
-                for optimizer in optimizers:
-                    optimizer.step()
-                loss_sum += step_loss
-                loss_count, skipped_in_a_row = loss_count + 1, 0
-            model.zero_grad(set_to_none=True)
-            interval_steps += 1
 
-            is_log = step % cfg.log_every == 0 or step == total_steps
-            is_eval = cfg.eval_every and step % cfg.eval_every == 0 and step != total_steps
-            if is_log or is_eval:
-                check_finite()
-                loss_value = loss_sum.item() / loss_count if loss_count else math.nan  # .item(): time only after it
-                now = time.perf_counter()
-                train_seconds += now - step_start
-                step_ms = (now - interval_start) / interval_steps * 1000
-                record = {
-                    "step": step,
-                    "loss": round(loss_value, 5),
-                    "lr": cfg.lr * lr_mult,
-                    "muon_lr": cfg.muon_lr * lr_mult if cfg.use_muon else None,
-                    "grad_norm": round(float(grad_norm), 5),
-                    "step_ms": round(step_ms, 2),
-                    "tok_per_s": round(tokens_per_step / step_ms * 1000, 1),
-                    "mfu": round(step_flops / (step_ms / 1000) / peak, 4) if peak else None,
-                    "epoch": round(step * tokens_per_step / len(train_ids), 4),
-                    "elapsed_s": round(train_seconds, 3),
-                }
-                if is_eval:
-                    eval_start = time.perf_counter()
-                    record["val_loss"] = round(evaluate(model, val_fixed, autocast, device, ctx), 5)
-                    best_val = min(best_val, record["val_loss"])
-                    eval_seconds += time.perf_counter() - eval_start
-                recorder.log(record)
-                print(format_line(record, total_steps), flush=True)
-                loss_sum.zero_()
-                loss_count, interval_start, interval_steps = 0, time.perf_counter(), 0
-            else:
-                train_seconds += time.perf_counter() - step_start
-            if cfg.save_model and cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
-                last_ckpt = save(step)
-                print(f"saved {last_ckpt}", flush=True)
-            # all ranks stop at the same step: on the first signal any of them got, by the slowest clock
-            stop_signum, train_seconds = ctx.all_reduce(signals.signum or 0, train_seconds, op="max")
-            if cfg.time_budget_s and train_seconds >= cfg.time_budget_s:
-                stopped_early = step < total_steps
-                print(f"time budget of {cfg.time_budget_s:g}s reached at step {step}", flush=True)
-                break
-            if stop_signum:
-                break
+def diverged(state: LoopState, what: str) -> UserError:
+    """The one-line error of a run whose loss, gradients or weights became non-finite, naming the last good save."""
+    good = state.last_checkpoint or state.resumed_from
+    advice = "lower --lr / --muon_lr, raise --warmup_steps, or pass --skip_nonfinite True"
+    if good:
+        return UserError(f"{what}; the last good checkpoint is {good}: resume from it and {advice}")
+    return UserError(f"{what}; no checkpoint was written: {advice}")
 
-        final_val = None
-        if not stop_signum:  # a signal skips the final evaluation: the user asked to stop
-            check_finite()
-            print(f"final evaluation on the whole validation split ({len(val_ids)} tokens) ...", flush=True)
-            eval_start = time.perf_counter()
-            final_batches = full_val_batches(val_ids, cfg.batch_size, cfg.context_len)
-            final_val = evaluate(model, final_batches, autocast, device, ctx)
-            eval_seconds += time.perf_counter() - eval_start
-            best_val = min(best_val, final_val)
-            record = {
-                "step": step,
-                "val_loss": round(final_val, 5),
-                "final": True,
-                "elapsed_s": round(train_seconds, 3),
-            }
-            recorder.log(record)
-        if cfg.save_model and not (stop_signum and last_ckpt and last_ckpt.name == f"step_{step:06d}"):
-            last_ckpt = save(step)  # (unless a signal came during a step that --save_every has just saved)
 
-    signum = int(stop_signum) or signals.signum  # (one that came after the last step counts for the exit status)
-    stopped_by = signal.Signals(signum).name if signum else None
+def check_finite(state: LoopState) -> None:
+    if bad := int(state.first_bad_step):
+        raise diverged(state, f"the loss or gradient became non-finite at step {bad}")
+
+
+def save(job: Job, state: LoopState) -> Path:
+    """A checkpoint of everything needed to continue after this step; never one of non-finite weights. Every rank
+    calls it (the ranks' random generators are gathered); rank 0 alone writes."""
+    check_finite(state)
+    model = job.trainer.model
+    if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+        raise diverged(
+            state, f"the weights became non-finite by step {state.step} (an update too large); not saving them"
+        )
+    rngs = job.ctx.gather(rng_state(job.device))
+    if not job.ctx.is_main:
+        return job.save_dir / f"step_{state.step:06d}"
+    rng = {**rngs[0], "ranks": rngs[1:]} if job.ctx.active else rngs[0]
+    tokenizer, keep = job.tokenizer.to_dict(), job.cfg.keep_checkpoints
+    return save_checkpoint(
+        job.save_dir, state.step, model, tokenizer, job.trainer.optimizers, state.state_dict(), rng, keep
+    )
+
+
+def finish(job: Job, state: LoopState, stopped_by: str | None, final_val: float | None) -> dict[str, Any]:
+    """Samples and inference cases (unless stopped by a signal), the closing lines, and the run's summary."""
+    cfg, step, checkpoint = job.cfg, state.step, state.last_checkpoint
+    model = job.trainer.model
     samples = []
     if stopped_by:
-        print(
-            f"stopped by {stopped_by} after step {step}: "
-            + (
-                f"saved {last_ckpt}; continue with --resume {save_dir}" if last_ckpt else "saving is off, nothing saved"
-            ),
-            flush=True,
+        saved = (
+            f"saved {checkpoint}; continue with --resume {job.save_dir}"
+            if checkpoint
+            else "saving is off, nothing saved"
         )
-    elif cfg.num_samples and ctx.is_main:
+        print(f"stopped by {stopped_by} after step {step}: {saved}", flush=True)
+    elif cfg.num_samples and job.ctx.is_main:
         print(f"--- {cfg.num_samples} samples ---")
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        generator = torch.Generator(device=job.device).manual_seed(cfg.seed)
         for i in range(cfg.num_samples):
-            ids = list(
-                generate(unwrap(model), [tokenizer.start_id], cfg.sample_tokens, 0.8, 200, None, True, generator)
-            )
-            samples.append(tokenizer.decode(ids))
+            ids = generate(model, [job.tokenizer.start_id], cfg.sample_tokens, 0.8, 200, None, True, generator)
+            samples.append(job.tokenizer.decode(list(ids)))
             print(f"[sample {i + 1}]\n{samples[-1].strip()}\n", flush=True)
-    run_them = cfg.run_cases and not stopped_by and ctx.is_main
-    case_results = run_cases(unwrap(model), tokenizer, progress=True) if run_them else []
+    run_them = cfg.run_cases and not stopped_by and job.ctx.is_main
+    case_results = run_cases(model, job.tokenizer, progress=True) if run_them else []
     if case_results:
         print(format_table(case_results), flush=True)
-
     summary = {
-        "run": recorder.name,
+        "run": job.recorder.name,
         "steps": step,
         "final_val_loss": final_val,
-        "best_val_loss": best_val,
-        "train_seconds": train_seconds,
-        "eval_seconds": eval_seconds,
-        "tok_per_s": step * tokens_per_step / max(train_seconds, 1e-9),
-        "stopped_early": stopped_early,
+        "best_val_loss": state.best_val_loss,
+        "train_seconds": state.train_seconds,
+        "eval_seconds": state.eval_seconds,
+        "tok_per_s": step * job.trainer.tokens_per_step / max(state.train_seconds, 1e-9),
+        "stopped_early": step < job.trainer.total_steps and not stopped_by,
         "stopped_by": stopped_by,
-        "run_dir": str(recorder.dir),
-        "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "run_dir": str(job.recorder.dir),
+        "checkpoint": str(checkpoint) if checkpoint else None,
         "samples": samples,
         "cases": [r.to_dict() for r in case_results],
     }
-    if stopped_by:
-        return summary
-    print("=" * 78)
-    print(
-        f"done: {step} steps in {format_duration(train_seconds)} of training (+{eval_seconds:.1f}s eval), "
-        f"{human(summary['tok_per_s'])} tok/s"
-    )
-    print(f"final val loss {final_val:.4f} (whole split), best {best_val:.4f}")
-    print(f"records: {recorder.dir}" + (f" | checkpoint: {last_ckpt}" if last_ckpt else ""))
+    if not stopped_by:
+        print("=" * 78)
+        print(
+            f"done: {step} steps in {format_duration(state.train_seconds)} of training (+{state.eval_seconds:.1f}s "
+            f"eval), {human(summary['tok_per_s'])} tok/s"
+        )
+        print(f"final val loss {final_val:.4f} (whole split), best {state.best_val_loss:.4f}")
+        print(f"records: {job.recorder.dir}" + (f" | checkpoint: {checkpoint}" if checkpoint else ""))
     return summary
 
 
@@ -439,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         if cfg.resume:  # flags left out take the checkpoint's values rather than the defaults
-            cfg = parse_args(argv, base=read_checkpoint(resolve_checkpoint(cfg.resume))[0])
+            cfg = parse_args(argv, base=saved_config(cfg.resume))
         summary = train(cfg)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

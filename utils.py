@@ -12,6 +12,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,13 @@ def resolve_dtype(name: str, device: torch.device, compiled: bool = False) -> to
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
         return torch.bfloat16 if device.type == "cpu" and compiled and cpu_has_native_bf16() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def autocast_for(dtype: torch.dtype, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A fresh autocast context for each use (none in fp32)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 def check_writable(folder: str | Path, flag: str) -> None:

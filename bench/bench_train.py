@@ -4,14 +4,13 @@
     uv run bench/bench_train.py --preset nanogpt-cpu --repeats 3 --steps 30 --out bench/results/train.json
 
 Variants are interleaved (A, B, A, B, ...) and medians reported, since machine speed drifts between runs.
-One "step" is what train.py does per optimizer step: accumulation_steps forward/backward passes, gradient
-clipping and the optimizer update(s).
+One "step" is train.py's own `Trainer.step`: accumulation_steps batches gathered and forward/backward passes,
+gradient clipping, the non-finite check and the optimizer update(s).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -22,39 +21,33 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import train  # noqa: E402
 from config import UserError, parse_args  # noqa: E402
+from data import TrainBatches  # noqa: E402
 from model import GPT  # noqa: E402
-from optimizer import build_optimizers  # noqa: E402
-from utils import flops_per_token, peak_flops, resolve_device  # noqa: E402
+from optimizer import Muon, build_optimizers  # noqa: E402
+from utils import autocast_for, peak_flops, resolve_device  # noqa: E402
 
 
 def make_variant(cfg, vocab_size: int, device: torch.device, compiled: bool, dtype: torch.dtype):
-    """A model, its optimizers and a step function; returns (step, seconds spent compiling)."""
+    """train.py's own Trainer over random tokens; returns (trainer, a function taking one step, seconds compiling)."""
     torch.manual_seed(cfg.seed)
     model = GPT(cfg, vocab_size).to(device)
     optimizers = build_optimizers(model, cfg, compile=compiled)
-    fn = torch.compile(model) if compiled else model
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
     generator = torch.Generator().manual_seed(0)
-    batches = [
-        torch.randint(vocab_size, (cfg.batch_size, cfg.context_len + 1), generator=generator).to(device)
-        for _ in range(cfg.accumulation_steps)
-    ]
-
-    def step() -> None:
-        for batch in batches:
-            with autocast():
-                loss = fn(batch[:, :-1], batch[:, 1:]) / cfg.accumulation_steps
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        for optimizer in optimizers:
-            optimizer.step()
-        model.zero_grad(set_to_none=True)
-
+    tokens = torch.randint(vocab_size, ((4 * cfg.batch_size + 1) * cfg.context_len + 1,), generator=generator)
+    batches = TrainBatches(tokens, cfg.batch_size, cfg.context_len, cfg.seed, device)
+    autocast = autocast_for(dtype, device)
     started = time.perf_counter()
-    step()  # compiles forward and backward for the compiled variant
+    loss = train.compile_loss(model, compiled, *batches.next_batch(), autocast)  # as train.py: compiled before step 1
+    for optimizer in optimizers:
+        if isinstance(optimizer, Muon):
+            optimizer.warm_up()
+    trainer = train.Trainer(cfg, model, loss, optimizers, batches, total_steps=10**9, autocast=autocast)
+    state = train.LoopState(batches=batches).to(device)
+    trainer.step(state)
     sync(device)
-    return model, step, time.perf_counter() - started
+    return trainer, lambda: trainer.step(state), time.perf_counter() - started
 
 
 def sync(device: torch.device) -> None:
@@ -96,9 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
         if device.type == "mps" and mode == "compiled":
             continue
-        model, step, compile_s = make_variant(cfg, args.vocab_size, device, mode == "compiled", dtype)
-        params = model.num_params()["non_embedding"]
-        flops = tokens_per_step * flops_per_token(params, cfg.num_blocks, cfg.num_heads, cfg.head_dim, cfg.context_len)
+        trainer, step, compile_s = make_variant(cfg, args.vocab_size, device, mode == "compiled", dtype)
+        flops = trainer.step_flops
         peak, source = peak_flops(device, dtype, cfg.peak_flops)
         variants[name] = dict(step=step, compile_s=compile_s, flops=flops, peak=peak, peak_source=source, ms=[])
         print(f"prepared {name} ({compile_s:.1f}s first step)", flush=True)
