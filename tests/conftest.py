@@ -1,4 +1,5 @@
-"""Shared test setup: the read-only assets in ../shared, an offline tiktoken cache, and a few tiny-model helpers.
+"""Shared test setup: the read-only assets in ../shared, an offline tiktoken cache, and the helpers the test modules
+share: tiny configs and runs, their command lines, metrics.jsonl readers, same-weights-and-optimizer assertions.
 
 The shared folder is $PAIR_SHARED_DIR when set, else <repo>/../shared (see its README.md). Tokenizer files are
 copied into a temporary TIKTOKEN_CACHE_DIR under the names tiktoken gives its downloads (sha1 of the URL), so
@@ -8,6 +9,7 @@ copied into a temporary TIKTOKEN_CACHE_DIR under the names tiktoken gives its do
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import tempfile
@@ -79,32 +81,104 @@ def _restore_torch_globals():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Helpers for tiny models (imported by the test modules as `from conftest import ...`)
+# Helpers for tiny models and runs (imported by the test modules as `from conftest import ...`)
+
+# A model small enough that a forward pass is a millisecond: 2 blocks, 4 heads, 32 dim, context 16.
+TINY = dict(
+    num_blocks=2,
+    num_heads=4,
+    embedding_dim=32,
+    context_len=16,
+    batch_size=4,
+    accumulation_steps=1,
+    max_steps=10,
+    warmup_steps=2,
+    eval_every=0,
+    eval_steps=2,
+    log_every=1,
+    tokenizer="char",
+    torch_compile=False,
+    num_samples=0,
+    device="cpu",
+)
 
 
-def tiny_config(**overrides):
-    """A model small enough that a forward pass is a millisecond: 2 blocks, 4 heads, 32 dim, context 16."""
+def tiny_config(*bases: dict, **overrides):
+    """Config(**TINY), then each dict of bases and the overrides on top, in that order."""
     from config import Config
 
-    values = dict(
-        num_blocks=2,
-        num_heads=4,
-        embedding_dim=32,
-        context_len=16,
-        batch_size=4,
-        accumulation_steps=1,
-        max_steps=10,
-        warmup_steps=2,
-        eval_every=0,
-        eval_steps=2,
-        log_every=1,
-        tokenizer="char",
-        torch_compile=False,
-        num_samples=0,
-        device="cpu",
+    return Config(**_merged(TINY, *bases, overrides))
+
+
+def run_values(folder: Path, data_path: Path | str, /, *bases: dict, **overrides) -> dict:
+    """The values of a tiny training run "r" that reads data_path and writes its records under folder/runs and its
+    checkpoints under folder/models; bases and overrides on top. A plain dict: it may hold bad values on purpose."""
+    where = dict(
+        data_path=str(data_path), runs_dir=str(folder / "runs"), save_model_dir=str(folder / "models"), run="r"
     )
-    values.update(overrides)
-    return Config(**values)
+    return _merged(TINY, where, *bases, overrides)
+
+
+def run_config(folder: Path, data_path: Path | str, /, *bases: dict, **overrides):
+    """run_values as a Config."""
+    from config import Config
+
+    return Config(**run_values(folder, data_path, *bases, **overrides))
+
+
+def _merged(*dicts: dict) -> dict:
+    return {key: value for values in dicts for key, value in values.items()}
+
+
+def argv_of(values) -> list[str]:
+    """The command line that parses back to values (a Config, or a dict of flags): `--name=value` each, leaving out
+    None where None is the default."""
+    from config import FIELDS
+
+    items = values.items() if isinstance(values, dict) else values.to_dict().items()
+    return [f"--{name}={value}" for name, value in items if not (value is None and FIELDS[name].default is None)]
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(run_dir: Path, keys: tuple[str, ...] = ("loss", "val_loss")) -> list[tuple]:
+    """(step, record[key] or None for each key) for every record of a run."""
+    return [(r["step"], *(r.get(key) for key in keys)) for r in read_records(run_dir)]
+
+
+def _same(a, b, atol: float) -> bool:
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    if atol == 0:
+        return torch.equal(a, b)
+    return a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=atol)
+
+
+def assert_same_tensors(a: dict, b: dict, atol: float = 0.0) -> None:
+    """Two state dicts hold the same names and the same tensors: bit for bit, or each number within atol."""
+    assert a.keys() == b.keys()
+    differ = [name for name in a if not _same(a[name], b[name], atol)]
+    assert not differ, differ
+
+
+def assert_same_optimizer_state(a: list[dict], b: list[dict], atol: float = 0.0) -> None:
+    """Two lists of optimizer state dicts (one per optimizer) hold the same per-parameter state."""
+    for state_a, state_b in zip(a, b, strict=True):
+        assert state_a["state"].keys() == state_b["state"].keys()
+        for key, values in state_a["state"].items():
+            for name, value in values.items():
+                assert _same(value, state_b["state"][key][name], atol), (key, name)
+
+
+def assert_same_state(a: Path, b: Path, atol: float = 0.0) -> None:
+    """Two checkpoint folders hold the same training state: weights and optimizer state."""
+    from safetensors.torch import load_file
+
+    assert_same_tensors(load_file(a / "model.safetensors"), load_file(b / "model.safetensors"), atol)
+    optimizers = [torch.load(folder / "optimizer.pt", weights_only=True) for folder in (a, b)]
+    assert_same_optimizer_state(*optimizers, atol)
 
 
 @torch.no_grad()

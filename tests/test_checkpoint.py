@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import randomize, tiny_config
+from conftest import assert_same_optimizer_state, assert_same_tensors, randomize, tiny_config
 from safetensors.torch import load_file
 
 from checkpoint import LATEST, load_checkpoint, load_optimizer_state, resolve_checkpoint, save_checkpoint, unwrap
@@ -51,8 +51,7 @@ def test_save_then_load_gives_identical_logits(tmp_path, overrides):
     assert tokenizer_dict == TOKENIZER
     assert state == {"step": 7, "vocab_size": VOCAB, "run": "run"}
     assert torch.equal(_logits(loaded), _logits(model))
-    for (name, p), (_, q) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
-        assert torch.equal(p, q), name
+    assert_same_tensors(loaded.state_dict(), model.state_dict())
 
 
 def test_latest_points_to_the_newest(tmp_path):
@@ -175,9 +174,6 @@ def test_optimizer_state_loads_with_weights_only(tmp_path):
 
     fresh = build_optimizers(model, model.cfg)
     load_optimizer_state(folder, fresh)
-    for before, after in zip(optimizers, fresh, strict=True):
-        original, restored = before.state_dict(), after.state_dict()
-        assert original["param_groups"] == restored["param_groups"]
-        for key, values in original["state"].items():
-            for name, value in values.items():
-                assert torch.equal(torch.as_tensor(value), torch.as_tensor(restored["state"][key][name])), name
+    original, restored = [o.state_dict() for o in optimizers], [o.state_dict() for o in fresh]
+    assert [s["param_groups"] for s in original] == [s["param_groups"] for s in restored]
+    assert_same_optimizer_state(original, restored)

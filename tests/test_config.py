@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 
 import config
-import train
 from config import FIELDS, PRESETS, Config, UserError, build_parser, parse_args
 
 SPEC_DEFAULTS = dict(
@@ -87,12 +86,6 @@ def test_every_preset_is_a_valid_config():
             assert getattr(cfg, key) == value, (name, key)
 
 
-def test_seed_examples_parse():
-    cfg = parse_args(["--run", "a cool ablation", "--accumulation_steps", "4", "--save_model=True"])
-    assert cfg.run == "a cool ablation" and cfg.accumulation_steps == 4 and cfg.save_model is True
-    assert parse_args(["--torch_compile=False"]).torch_compile is False
-
-
 def test_from_dict_round_trip_ignores_unknown_keys():
     cfg = parse_args(["--preset", "cpu", "--run", "r"])
     assert Config.from_dict({**cfg.to_dict(), "a_key_from_the_future": 1}) == cfg
@@ -106,23 +99,12 @@ def _one_line_error(argv: list[str]) -> str:
     return message
 
 
+# Bad values not in test_errors.py's end-to-end matrix (which train.main runs through this same parser)
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["--num_heads", "7"], "--num_heads 7 does not divide --embedding_dim 512"),
-        (["--num_heads", "3", "--embedding_dim", "64"], "does not divide"),
-        (["--num_blocks", "0"], "--num_blocks"),
-        (["--embedding_dim", "-8"], "--embedding_dim"),
-        (["--context_len", "0"], "--context_len"),
         (["--batch_size", "-1"], "--batch_size"),
-        (["--lr", "0"], "--lr"),
         (["--lr", "-0.001"], "--lr"),
-        (["--accumulation_steps", "0"], "--accumulation_steps"),
-        (["--max_steps", "0"], "--max_steps"),
-        (["--save_model=yes please"], "save_model"),
-        (["--tokenizer", "bpe"], "tokenizer"),
-        (["--preset", "gpu-huge"], "preset"),
-        (["--num_blocks", "two"], "num_blocks"),
     ],
 )
 def test_bad_values_raise_one_line(argv, needle):
@@ -135,26 +117,15 @@ def test_num_heads_error_suggests_a_divisor():
     assert 512 % suggestion == 0
 
 
-def test_bad_boolean_names_the_accepted_spellings():
-    message = _one_line_error(["--save_model=yes please"])
-    assert "yes please" in message and "True" in message and "False" in message
-
-
-def test_unknown_tokenizer_lists_the_choices():
-    message = _one_line_error(["--tokenizer", "bpe"])
-    for choice in FIELDS["tokenizer"].metadata["choices"]:
-        assert choice in message
-
-
 def test_unknown_preset_lists_the_presets():
     message = _one_line_error(["--preset", "gpu-huge"])
+    assert "preset" in message
     for name in PRESETS:
         assert name in message
 
 
-@pytest.mark.parametrize("argv", [["--lrr", "0.1"], ["--lrr=0.1"]])
-def test_unknown_flag_suggests_the_closest(argv):
-    message = _one_line_error(argv)
+def test_unknown_flag_suggests_the_closest():  # the --lrr=0.1 form: test_errors.py
+    message = _one_line_error(["--lrr", "0.1"])
     assert "--lrr" in message and "did you mean --lr?" in message
 
 
@@ -172,15 +143,6 @@ def test_constructing_a_bad_config_directly_raises():
     with pytest.raises(UserError):
         Config(pos_emb="rope", embedding_dim=24, num_heads=8)  # odd head size cannot rotate
     Config(pos_emb="learned", embedding_dim=24, num_heads=8)
-
-
-def test_main_prints_one_error_line_and_returns_2(capsys):
-    assert train.main(["--num_heads", "7"]) == 2
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("error:") and "num_heads" in lines[0]
-    assert "Traceback" not in captured.err + captured.out
 
 
 def test_help_lists_every_field():

@@ -25,16 +25,15 @@ from subprocess import PIPE
 
 import pytest
 import torch
-from conftest import REPO, synthetic_text, tiny_config, write_text
-from safetensors.torch import load_file
+from conftest import REPO, argv_of, assert_same_state, read_records, run_config, step_losses, synthetic_text, write_text
 
 from checkpoint import load_checkpoint, resolve_checkpoint
-from config import FIELDS
 
 N = 8  # optimizer steps of the runs; checkpoints at N/2 and N
 TIMEOUT_S = 240  # per torchrun launch: a few seconds of work, the rest is start-up on a loaded machine
 
 
+TRAIN_PY = str(REPO / "train.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--"]
 # (`--` keeps torchrun's own parser off train.py's flags: it would take --run for its --run-path)
 
@@ -61,57 +60,22 @@ def launch(env):
     return torchrun
 
 
-def run_flags(tmp: Path, **overrides) -> dict:
-    """Muon + AdamW, evaluations on an odd number of batches (the ranks split them unevenly), checkpoints at N/2."""
-    values = dict(
-        data_path=str(tmp.parent / "text.txt"),
-        runs_dir=str(tmp / "runs"),
-        save_model_dir=str(tmp / "models"),
-        run="r",
-        lr=3e-3,
-        muon_lr=0.03,
-        max_steps=N,
-        eval_every=N // 2,
-        eval_steps=3,
-        save_model=True,
-        save_every=N // 2,
-        keep_checkpoints=None,
-        peak_flops=1e12,  # no CPU probe
-    )
-    values.update(overrides)
-    return values
+# Muon + AdamW, evaluations on an odd number of batches (the ranks split them unevenly), checkpoints at N/2
+DISTRIBUTED = dict(
+    lr=3e-3,
+    muon_lr=0.03,
+    max_steps=N,
+    eval_every=N // 2,
+    eval_steps=3,
+    save_model=True,
+    save_every=N // 2,
+    keep_checkpoints=None,
+    peak_flops=1e12,  # no CPU probe
+)
 
 
-def argv(values: dict) -> list[str]:
-    """train.py and the flags that parse back to tiny_config(**values)."""
-    flags = tiny_config(**values).to_dict().items()
-    return [str(REPO / "train.py")] + [f"--{k}={v}" for k, v in flags if not (v is None and FIELDS[k].default is None)]
-
-
-def records(tmp: Path) -> list[dict]:
-    return [json.loads(line) for line in (tmp / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(tmp: Path) -> list[tuple]:
-    return [(r["step"], r.get("loss"), r.get("grad_norm"), r.get("val_loss")) for r in records(tmp)]
-
-
-def checkpoint(tmp: Path, step: int) -> tuple[dict, list]:
-    folder = tmp / "models" / "r" / f"step_{step:06d}"
-    return load_file(folder / "model.safetensors"), torch.load(folder / "optimizer.pt", weights_only=True)
-
-
-def assert_same_state(a: tuple[dict, list], b: tuple[dict, list], atol: float = 0.0) -> None:
-    (wa, oa), (wb, ob) = a, b
-    assert wa.keys() == wb.keys()
-    bad = [k for k in wa if not torch.allclose(wa[k], wb[k], rtol=0, atol=atol)]
-    assert not bad, bad
-    for sa, sb in zip(oa, ob, strict=True):
-        for key, values in sa["state"].items():
-            for name, value in values.items():
-                assert torch.allclose(
-                    torch.as_tensor(value), torch.as_tensor(sb["state"][key][name]), rtol=0, atol=atol
-                )
+def checkpoint(tmp: Path, step: int) -> Path:
+    return tmp / "models" / "r" / f"step_{step:06d}"
 
 
 def test_two_ranks_equal_one_rank_with_accumulation_then_resume(launch, tmp_path):
@@ -121,15 +85,16 @@ def test_two_ranks_equal_one_rank_with_accumulation_then_resume(launch, tmp_path
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank runs
     try:
-        single = train.train(tiny_config(**run_flags(tmp_path / "one", accumulation_steps=2)))
+        single = train.train(run_config(tmp_path / "one", tmp_path / "text.txt", DISTRIBUTED, accumulation_steps=2))
     finally:
         torch.set_num_threads(threads)
-    out = launch(argv(run_flags(tmp_path / "two", accumulation_steps=1)), tmp_path)
+    cfg = run_config(tmp_path / "two", tmp_path / "text.txt", DISTRIBUTED, accumulation_steps=1)
+    out = launch([TRAIN_PY, *argv_of(cfg)], tmp_path)
     assert "ranks : 2 processes (gloo), batch 4 each" in out
     assert f"{N} x 128 tokens (4 x 16 x 1 accumulation x 2 ranks)" in out
     assert out.count(f"step {N}/{N}") == 1  # rank 0 alone prints
 
-    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    one, two = read_records(tmp_path / "one" / "runs" / "r"), read_records(tmp_path / "two" / "runs" / "r")
     assert [r["step"] for r in two] == [r["step"] for r in one] == [*range(1, N + 1), N]
     for a, b in zip(one, two, strict=True):
         for key in ("loss", "grad_norm", "val_loss", "lr"):
@@ -150,17 +115,22 @@ def test_two_ranks_equal_one_rank_with_accumulation_then_resume(launch, tmp_path
     # 2 ranks resume the 2-rank run's mid-run checkpoint (a copy: a resumed run saves beside it), everyone loading it
     start = tmp_path / "resumed" / "models" / "r" / "step_000004"
     shutil.copytree(tmp_path / "two" / "models" / "r" / "step_000004", start)
-    out = launch([*argv(run_flags(tmp_path / "resumed", accumulation_steps=1)), f"--resume={start}"], tmp_path)
+    cfg = run_config(tmp_path / "resumed", tmp_path / "text.txt", DISTRIBUTED, accumulation_steps=1)
+    out = launch([TRAIN_PY, *argv_of(cfg), f"--resume={start}"], tmp_path)
     assert f"resume : {start} at step {N // 2}" in out and "notice" not in out
-    assert losses(tmp_path / "resumed") == [r for r in losses(tmp_path / "two") if r[0] > N // 2]
+    keys = ("loss", "grad_norm", "val_loss")
+    resumed = step_losses(tmp_path / "resumed" / "runs" / "r", keys)
+    assert resumed == [r for r in step_losses(tmp_path / "two" / "runs" / "r", keys) if r[0] > N // 2]
     assert_same_state(checkpoint(tmp_path / "resumed", N), checkpoint(tmp_path / "two", N))
 
 
 def test_sigterm_stops_every_rank_after_the_same_step_and_rank_0_saves(env, tmp_path):
     """torchrun forwards SIGTERM to every rank; the ranks agree on the step to stop after, rank 0 saves, none hangs."""
-    write_text(tmp_path / "text.txt", synthetic_text(4_000))
-    flags = run_flags(tmp_path / "run", max_steps=100_000, eval_every=0, save_every=None, log_every=1)
-    process = subprocess.Popen([*TORCHRUN, *argv(flags)], cwd=tmp_path, env=env, stdout=PIPE, stderr=PIPE, text=True)
+    text = write_text(tmp_path / "text.txt", synthetic_text(4_000))
+    cfg = run_config(tmp_path / "run", text, DISTRIBUTED, max_steps=100_000, eval_every=0, save_every=None, log_every=1)
+    process = subprocess.Popen(
+        [*TORCHRUN, TRAIN_PY, *argv_of(cfg)], cwd=tmp_path, env=env, stdout=PIPE, stderr=PIPE, text=True
+    )
     try:
         metrics = tmp_path / "run" / "runs" / "r" / "metrics.jsonl"
         deadline = time.monotonic() + TIMEOUT_S
@@ -177,7 +147,7 @@ def test_sigterm_stops_every_rank_after_the_same_step_and_rank_0_saves(env, tmp_
     step = json.loads((folder / "state.json").read_text())["step"]
     assert f"stopped by SIGTERM after step {step}: saved {folder}" in out, out + err
     assert out.count("stopped by SIGTERM") == 1  # rank 0 alone prints
-    assert records(tmp_path / "run")[-1]["step"] == step  # the step every rank stopped after
+    assert read_records(tmp_path / "run" / "runs" / "r")[-1]["step"] == step  # the step every rank stopped after
     assert [p.name for p in models.glob("step_*")] == [folder.name]
     model, _, _ = load_checkpoint(models)
     assert all(torch.isfinite(p).all() for p in model.parameters())

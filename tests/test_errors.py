@@ -3,7 +3,6 @@ do; never a traceback. Cases run through train.main(argv) like the command line;
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -12,35 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, synthetic_text, write_text
+from conftest import REPO, argv_of, read_records, run_values, synthetic_text, write_text
 
 import train
 
 TEXT = synthetic_text(3_000)
 
 
+# the model the checkpoint's errors name: 1 block, 2 heads, 16 dim (context 16), 2 steps
+SMALL = dict(num_blocks=1, num_heads=2, embedding_dim=16, max_steps=2, warmup_steps=1)
+
+
 def tiny(tmp: Path, **flags) -> list[str]:
-    """A valid tiny command line writing under tmp; flags add to or replace its values (None removes one)."""
-    values = {
-        "data_path": tmp / "text.txt",
-        "runs_dir": tmp / "runs",
-        "save_model_dir": tmp / "models",
-        "tokenizer": "char",
-        "num_blocks": 1,
-        "num_heads": 2,
-        "embedding_dim": 16,
-        "context_len": 16,
-        "batch_size": 4,
-        "accumulation_steps": 1,
-        "max_steps": 2,
-        "warmup_steps": 1,
-        "device": "cpu",
-        "torch_compile": False,
-        "num_samples": 0,
-        "run": "r",
-    }
-    values.update(flags)
-    return [f"--{name}={value}" for name, value in values.items() if value is not None]
+    """A valid tiny command line reading tmp/text.txt and writing under tmp; flags add to or replace its values."""
+    return argv_of(run_values(tmp, tmp / "text.txt", SMALL, **flags))
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +201,7 @@ def test_wandb_without_a_key_warns_and_trains(tmp_path, monkeypatch, capsys):
     assert warnings == [
         "warning: --wandb_enabled True but no WANDB_API_KEY (in .env or the environment); logging locally only"
     ]
-    records = [json.loads(line) for line in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["final"] is True
+    assert read_records(tmp_path / "runs" / "r")[-1]["final"] is True
 
 
 @pytest.mark.parametrize(

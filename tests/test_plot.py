@@ -10,7 +10,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
-from conftest import REPO, synthetic_text, tiny_config, write_text
+from conftest import REPO, read_records, run_config, synthetic_text, write_text
 
 import plot
 import train
@@ -23,9 +23,9 @@ def two_runs(tmp_path_factory):
     """An ablation in miniature: the same tiny model with Muon and with AdamW only, 12 steps each."""
     tmp_path = tmp_path_factory.mktemp("plot")
     data_path = write_text(tmp_path / "text.txt", synthetic_text(20_000))
-    common = dict(data_path=str(data_path), runs_dir=str(tmp_path / "runs"), max_steps=12, eval_every=4, log_every=2)
-    muon = train.train(tiny_config(run="muon", **common))
-    adamw = train.train(tiny_config(run="adamw", use_muon=False, **common))
+    common = dict(max_steps=12, eval_every=4, log_every=2)
+    muon = train.train(run_config(tmp_path, data_path, common, run="muon"))
+    adamw = train.train(run_config(tmp_path, data_path, common, run="adamw", use_muon=False))
     return tmp_path, muon["run_dir"], adamw["run_dir"]
 
 
@@ -50,7 +50,7 @@ def test_table_compares_runs(two_runs, capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["run", "steps", "final", "val", "best", "val", "tok/s", "MFU", "time", "params"]
     for folder, line in zip((muon, adamw), lines[2:4], strict=True):
-        records = [json.loads(x) for x in Path(folder, "metrics.jsonl").read_text().splitlines()]
+        records = read_records(folder)
         final = records[-1]
         assert final["final"] is True
         cells = line.split()

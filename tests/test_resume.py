@@ -22,62 +22,41 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, synthetic_text, tiny_config, write_text
+from conftest import (
+    REPO,
+    argv_of,
+    assert_same_state,
+    read_records,
+    run_config,
+    step_losses,
+    synthetic_text,
+    tiny_config,
+    write_text,
+)
 from safetensors.torch import load_file, save_file
 
 import train
 from checkpoint import LATEST, load_checkpoint, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state
-from config import FIELDS, Config, parse_args
+from config import Config, parse_args
 from model import GPT
 
 N = 12  # steps of the reference run; the stop / resume happens at N // 2
 
 
-def base_config(tmp: Path, **overrides) -> Config:
-    """Every piece of state matters here: dropout (torch RNG), accumulation, evals, Muon + AdamW, cosine decay."""
-    values = dict(
-        data_path=str(tmp.parent / "text.txt"),
-        runs_dir=str(tmp / "runs"),
-        save_model_dir=str(tmp / "models"),
-        run="r",
-        embedding_dim=32,
-        accumulation_steps=2,
-        dropout=0.1,
-        lr=3e-3,
-        muon_lr=0.03,
-        max_steps=N,
-        eval_every=4,
-        log_every=4,  # the stop at N/2 falls inside a log interval, whose partial loss sum must survive too
-        save_model=True,
-        save_every=N // 2,
-        keep_checkpoints=None,
-    )
-    values.update(overrides)
-    return tiny_config(**values)
-
-
-def argv_of(cfg: Config) -> list[str]:
-    """The command line that parses back to cfg."""
-    values = cfg.to_dict().items()
-    return [f"--{name}={value}" for name, value in values if not (value is None and FIELDS[name].default is None)]
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir: Path) -> list[tuple[int, float | None, float | None]]:
-    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in records(run_dir)]
-
-
-def assert_same_weights_and_optimizer(a: Path, b: Path) -> None:
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    assert all(torch.equal(wa[k], wb[k]) for k in wa), [k for k in wa if not torch.equal(wa[k], wb[k])]
-    oa, ob = (torch.load(p / "optimizer.pt", weights_only=True) for p in (a, b))
-    for sa, sb in zip(oa, ob, strict=True):
-        for key, values in sa["state"].items():
-            assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(sb["state"][key][n])) for n, v in values.items())
+# Every piece of state matters here: dropout (torch RNG), accumulation, evals, Muon + AdamW, cosine decay.
+RESUME = dict(
+    embedding_dim=32,
+    accumulation_steps=2,
+    dropout=0.1,
+    lr=3e-3,
+    muon_lr=0.03,
+    max_steps=N,
+    eval_every=4,
+    log_every=4,  # the stop at N/2 falls inside a log interval, whose partial loss sum must survive too
+    save_model=True,
+    save_every=N // 2,
+    keep_checkpoints=None,
+)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +64,7 @@ def straight(tmp_path_factory) -> tuple[Path, dict]:
     """The uninterrupted reference run: N steps, checkpoints at N/2 and N."""
     tmp = tmp_path_factory.mktemp("resume") / "straight"
     write_text(tmp.parent / "text.txt", synthetic_text(3_000))
-    summary = train.train(base_config(tmp))
+    summary = train.train(run_config(tmp, tmp.parent / "text.txt", RESUME))
     return tmp, summary
 
 
@@ -105,7 +84,7 @@ def send_signal_at_step(monkeypatch, stop_step: int, signum: int) -> None:
 def test_signal_stop_then_resume_equals_the_straight_run(straight, tmp_path, monkeypatch, capsys, signum, status):
     reference, reference_summary = straight
     tmp = tmp_path / "run"
-    cfg = base_config(tmp, data_path=str(reference.parent / "text.txt"))
+    cfg = run_config(tmp, reference.parent / "text.txt", RESUME)
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     send_signal_at_step(monkeypatch, N // 2, signum)
     assert train.main(argv_of(cfg)) == status
@@ -118,9 +97,9 @@ def test_signal_stop_then_resume_equals_the_straight_run(straight, tmp_path, mon
 
     # a user's resume: just the run folder; every other flag comes from the checkpoint
     assert train.main(["--resume", str(models)]) == 0
-    assert losses(tmp / "runs" / "r") == losses(reference / "runs" / "r")  # the same records, once each
+    assert step_losses(tmp / "runs" / "r") == step_losses(reference / "runs" / "r")  # the same records, once each
     assert not (tmp / "runs" / "r-2").exists()
-    assert_same_weights_and_optimizer(models / "step_000012", reference / "models" / "r" / "step_000012")
+    assert_same_state(models / "step_000012", reference / "models" / "r" / "step_000012")
     assert (
         json.loads((models / "step_000012" / "state.json").read_text())["best_val_loss"]
         == (reference_summary["best_val_loss"])
@@ -134,11 +113,11 @@ def test_resume_from_weights_saved_with_the_compile_prefix(straight, tmp_path):
     shutil.copytree(reference / "models" / "r" / "step_000006", folder)
     weights = load_file(folder / "model.safetensors")
     save_file({f"_orig_mod.{k}": v for k, v in weights.items()}, folder / "model.safetensors")
-    cfg = base_config(tmp_path, data_path=str(reference.parent / "text.txt"), resume=str(folder))
+    cfg = run_config(tmp_path, reference.parent / "text.txt", RESUME, resume=str(folder))
     summary = train.train(cfg)
     assert summary["final_val_loss"] == reference_summary["final_val_loss"]
-    assert losses(tmp_path / "runs" / "r") == [r for r in losses(reference / "runs" / "r") if r[0] > N // 2]
-    assert_same_weights_and_optimizer(tmp_path / "r" / "step_000012", reference / "models" / "r" / "step_000012")
+    assert step_losses(tmp_path / "runs" / "r") == [r for r in step_losses(reference / "runs" / "r") if r[0] > N // 2]
+    assert_same_state(tmp_path / "r" / "step_000012", reference / "models" / "r" / "step_000012")
 
 
 @pytest.mark.compile
@@ -146,11 +125,13 @@ def test_compiled_run_resumes_exactly(tmp_path):
     """torch.compile on both sides: the compiled kernels are as deterministic as eager ones on the CPU."""
     write_text(tmp_path / "text.txt", synthetic_text(3_000))
     common = dict(torch_compile=True, max_steps=4, save_every=2, eval_every=0, num_blocks=1)
-    first = train.train(base_config(tmp_path / "a", **common))
+    first = train.train(run_config(tmp_path / "a", tmp_path / "text.txt", RESUME, **common))
     folder = tmp_path / "a" / "models" / "r" / "step_000002"
-    second = train.train(base_config(tmp_path / "b", **common, resume=str(folder)))
+    second = train.train(run_config(tmp_path / "b", tmp_path / "text.txt", RESUME, **common, resume=str(folder)))
     assert second["final_val_loss"] == first["final_val_loss"]
-    assert losses(tmp_path / "b" / "runs" / "r") == [r for r in losses(tmp_path / "a" / "runs" / "r") if r[0] > 2]
+    assert step_losses(tmp_path / "b" / "runs" / "r") == [
+        r for r in step_losses(tmp_path / "a" / "runs" / "r") if r[0] > 2
+    ]
 
 
 def test_flags_left_out_come_from_the_checkpoint_and_some_may_change(straight, tmp_path, capsys):
@@ -160,7 +141,7 @@ def test_flags_left_out_come_from_the_checkpoint_and_some_may_change(straight, t
     assert train.main([*argv, "--lr", "0.001", "--log_every", "2"]) == 0
     out = capsys.readouterr().out
     assert "notice: resuming with --lr 0.001 (was 0.003)" in out
-    assert [r["step"] for r in records(tmp_path / "runs" / "r")] == [14, 14]  # a new runs_dir: a new record
+    assert [r["step"] for r in read_records(tmp_path / "runs" / "r")] == [14, 14]  # a new runs_dir: a new record
     assert json.loads((tmp_path / "r" / "step_000014" / "config.json").read_text())["embedding_dim"] == 32
     assert parse_args(["--resume", "x", "--lr", "0.001"]).embedding_dim == 512  # (without the checkpoint: defaults)
 
@@ -169,11 +150,11 @@ def test_wandb_run_id_survives_a_resume(straight, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")  # a real wandb run id, no network
     monkeypatch.chdir(tmp_path)
     text = str(straight[0].parent / "text.txt")
-    train.train(base_config(tmp_path, data_path=text, wandb_enabled=True, max_steps=4, save_every=None))
+    train.train(run_config(tmp_path, text, RESUME, wandb_enabled=True, max_steps=4, save_every=None))
     first = json.loads((tmp_path / "models" / "r" / "step_000004" / "state.json").read_text())["wandb_id"]
     assert isinstance(first, str) and first
     train.train(
-        base_config(tmp_path, data_path=text, wandb_enabled=True, max_steps=6, resume=str(tmp_path / "models" / "r"))
+        run_config(tmp_path, text, RESUME, wandb_enabled=True, max_steps=6, resume=str(tmp_path / "models" / "r"))
     )
     assert json.loads((tmp_path / "models" / "r" / "step_000006" / "state.json").read_text())["wandb_id"] == first
 
@@ -182,7 +163,7 @@ def test_ctrl_c_on_a_real_process(straight, tmp_path):
     """The command line as a user runs it: SIGINT mid-run exits 130 with a checkpoint that resumes."""
     reference, _ = straight
     text = str(reference.parent / "text.txt")
-    cfg = base_config(tmp_path, data_path=text, max_steps=100_000, save_every=None, log_every=1, eval_every=0)
+    cfg = run_config(tmp_path, text, RESUME, max_steps=100_000, save_every=None, log_every=1, eval_every=0)
     process = subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *argv_of(cfg)],
         stdout=subprocess.PIPE,
@@ -201,9 +182,9 @@ def test_ctrl_c_on_a_real_process(straight, tmp_path):
     state = json.loads((resolve_checkpoint(tmp_path / "models" / "r") / "state.json").read_text())
     stopped_at = state["step"]
     resumed = dict(resume=str(tmp_path / "models" / "r"), max_steps=stopped_at + 3, log_every=1, eval_every=0)
-    summary = train.train(base_config(tmp_path, data_path=text, **resumed))
+    summary = train.train(run_config(tmp_path, text, RESUME, **resumed))
     assert summary["steps"] == stopped_at + 3
-    steps = [r["step"] for r in records(tmp_path / "runs" / "r") if "loss" in r]
+    steps = [r["step"] for r in read_records(tmp_path / "runs" / "r") if "loss" in r]
     assert steps == list(range(1, stopped_at + 4))
 
 
@@ -211,7 +192,7 @@ def test_kill_9_while_saving_keeps_the_previous_checkpoint(straight, tmp_path):
     """A process killed in the middle of writing step N leaves step N/2 and `latest` intact, and resuming from it
     reproduces the uninterrupted run. The child slows its second save down so the kill lands inside it."""
     reference, _ = straight
-    cfg = base_config(tmp_path, data_path=str(reference.parent / "text.txt"), keep_checkpoints=1)
+    cfg = run_config(tmp_path, reference.parent / "text.txt", RESUME, keep_checkpoints=1)
     slow_second_save = (
         "import sys, time, checkpoint, train\n"
         "real, calls = checkpoint.save_file, []\n"
@@ -243,10 +224,10 @@ def test_kill_9_while_saving_keeps_the_previous_checkpoint(straight, tmp_path):
     model, _, state = load_checkpoint(models)
     assert state["step"] == 6 and all(torch.isfinite(p).all() for p in model.parameters())
 
-    summary = train.train(base_config(tmp_path, data_path=cfg.data_path, resume=str(models), keep_checkpoints=1))
+    summary = train.train(run_config(tmp_path, cfg.data_path, RESUME, resume=str(models), keep_checkpoints=1))
     assert summary["steps"] == N
     assert sorted(p.name for p in models.iterdir()) == [LATEST, "step_000012"]  # pruned, debris cleared
-    assert_same_weights_and_optimizer(models / "step_000012", reference / "models" / "r" / "step_000012")
+    assert_same_state(models / "step_000012", reference / "models" / "r" / "step_000012")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,7 +254,7 @@ def nan_config(tmp_path: Path, **overrides) -> Config:
     values = dict(
         accumulation_steps=1, dropout=0.0, max_steps=8, eval_every=0, log_every=4, save_every=2, keep_checkpoints=2
     )
-    return base_config(tmp_path / "run", **{**values, **overrides})
+    return run_config(tmp_path / "run", tmp_path / "text.txt", RESUME, values, **overrides)
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path, monkeypatch, capsys):

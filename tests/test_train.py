@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import synthetic_text, tiny_config, write_text
+from conftest import argv_of, read_records, run_config, synthetic_text, write_text
 
 import train
 from checkpoint import LATEST, load_checkpoint
-from config import parse_args
 from data import TrainBatches, full_val_batches, load_dataset
 from model import generate
 from optimizer import lr_multiplier
@@ -22,25 +21,8 @@ from tokenizer import tokenizer_from_dict
 STEP_KEYS = {"step", "loss", "lr", "grad_norm", "step_ms", "tok_per_s", "elapsed_s"}
 
 
-def read_metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def run_config(tmp_path, data_path, **overrides):
-    values = dict(
-        data_path=str(data_path),
-        runs_dir=str(tmp_path / "runs"),
-        save_model_dir=str(tmp_path / "models"),
-        embedding_dim=48,
-        context_len=32,
-        batch_size=8,
-        lr=3e-3,
-        muon_lr=0.03,
-        warmup_steps=5,
-        log_every=10,
-    )
-    values.update(overrides)
-    return tiny_config(**values)
+# a tiny model that learns the synthetic text within a few dozen steps
+TRAINING = dict(embedding_dim=48, context_len=32, batch_size=8, lr=3e-3, muon_lr=0.03, warmup_steps=5, log_every=10)
 
 
 def cfg_runs(cfg) -> Path:
@@ -55,6 +37,7 @@ def synthetic_run(tmp_path_factory):
     cfg = run_config(
         tmp_path,
         data_path,
+        TRAINING,
         run="synthetic",
         max_steps=60,
         accumulation_steps=2,
@@ -78,7 +61,7 @@ def test_run_writes_config_and_metrics(synthetic_run):
     assert saved["vocab_size"] == len(set(synthetic_text(30_000)))
     assert saved["params"]["total"] > 0 and saved["device"] == "cpu" and saved["train_tokens"] > 0
 
-    records = read_metrics(run_dir)
+    records = read_records(run_dir)
     steps, final = records[:-1], records[-1]
     assert [r["step"] for r in steps] == [10, 20, 30, 40, 50, 60]
     # the logged loss is the mean over the interval's micro-batches: it starts near log(vocab), not 2x that
@@ -100,7 +83,7 @@ def test_run_writes_config_and_metrics(synthetic_run):
 
 def test_loss_decreases(synthetic_run):
     cfg, summary = synthetic_run
-    records = read_metrics(cfg_runs(cfg) / "synthetic")
+    records = read_records(cfg_runs(cfg) / "synthetic")
     losses = [r["loss"] for r in records if "loss" in r]
     vocab = json.loads((cfg_runs(cfg) / "synthetic" / "config.json").read_text())["vocab_size"]
     assert losses[-1] < 0.6 * losses[0]
@@ -141,18 +124,18 @@ def test_checkpoint_reloads_to_the_trained_model(synthetic_run):
 
 def test_time_budget_stops_early(tmp_path):
     data_path = write_text(tmp_path / "text.txt", synthetic_text(20_000))
-    cfg = run_config(tmp_path, data_path, run="budget", max_steps=100_000, time_budget_s=1.0, log_every=1000)
+    cfg = run_config(tmp_path, data_path, TRAINING, run="budget", max_steps=100_000, time_budget_s=1.0, log_every=1000)
     summary = train.train(cfg)
     assert summary["stopped_early"] is True
     assert 1 <= summary["steps"] < 100_000
     assert 1.0 <= summary["train_seconds"] < 10.0
-    final = read_metrics(tmp_path / "runs" / "budget")[-1]
+    final = read_records(tmp_path / "runs" / "budget")[-1]
     assert final["final"] is True and final["step"] == summary["steps"]
 
 
 def test_run_names_are_sanitized_and_unique(tmp_path):
     data_path = write_text(tmp_path / "text.txt", synthetic_text(5_000))
-    cfg = run_config(tmp_path, data_path, run="a cool ablation", max_steps=2, save_model=True)
+    cfg = run_config(tmp_path, data_path, TRAINING, run="a cool ablation", max_steps=2, save_model=True)
     first = train.train(cfg)
     second = train.train(cfg)
     assert first["run"] == "a-cool-ablation" and second["run"] == "a-cool-ablation-2"
@@ -166,83 +149,41 @@ def test_run_names_are_sanitized_and_unique(tmp_path):
 def test_epochs_mode_runs_whole_epochs(tmp_path):
     data_path = write_text(tmp_path / "text.txt", synthetic_text(2_500))
     common = dict(num_blocks=1, embedding_dim=32, context_len=16, batch_size=4, accumulation_steps=2, log_every=1000)
-    cfg = run_config(tmp_path, data_path, run="epochs", max_steps=None, epochs=2, **common)
+    cfg = run_config(tmp_path, data_path, TRAINING, run="epochs", max_steps=None, epochs=2, **common)
     _, train_ids, _ = load_dataset(cfg)
     batches_per_epoch = TrainBatches(train_ids, 4, 16, cfg.seed, torch.device("cpu")).batches_per_epoch
     summary = train.train(cfg)
     assert summary["steps"] == 2 * (batches_per_epoch // 2)
-    assert read_metrics(tmp_path / "runs" / "epochs")[-1]["step"] == summary["steps"]
+    assert read_records(tmp_path / "runs" / "epochs")[-1]["step"] == summary["steps"]
 
 
 def test_wandb_disabled_mode_trains(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.chdir(tmp_path)  # wandb may write next to the working directory
     data_path = write_text(tmp_path / "text.txt", synthetic_text(5_000))
-    cfg = run_config(tmp_path, data_path, run="wandb", max_steps=2, log_every=1, wandb_enabled=True)
+    cfg = run_config(tmp_path, data_path, TRAINING, run="wandb", max_steps=2, log_every=1, wandb_enabled=True)
     summary = train.train(cfg)
     assert summary["steps"] == 2
-    assert [r["step"] for r in read_metrics(tmp_path / "runs" / "wandb")] == [1, 2, 2]
+    assert [r["step"] for r in read_records(tmp_path / "runs" / "wandb")] == [1, 2, 2]
 
 
 def test_main_runs_from_the_command_line(tmp_path, capsys):
     data_path = write_text(tmp_path / "text.txt", synthetic_text(5_000))
-    argv = [
-        f"--data_path={data_path}",
-        "--tokenizer=char",
-        "--num_blocks=1",
-        "--num_heads=2",
-        "--embedding_dim=32",
-        "--context_len=16",
-        "--batch_size=4",
-        "--accumulation_steps=1",
-        "--max_steps=3",
-        "--torch_compile=False",
-        "--device=cpu",
-        "--num_samples=0",
-        f"--runs_dir={tmp_path / 'runs'}",
-        f"--save_model_dir={tmp_path / 'models'}",
-        "--run=cli",
-    ]
+    argv = argv_of(run_config(tmp_path, data_path, run="cli", num_blocks=1, num_heads=2, max_steps=3))
     assert train.main(argv) == 0
     assert "final val loss" in capsys.readouterr().out
-    assert read_metrics(tmp_path / "runs" / "cli")[-1]["final"] is True
-
-
-def test_main_reports_data_errors_in_one_line(tmp_path, capsys):
-    argv = [f"--data_path={tmp_path / 'missing.txt'}", "--tokenizer=char", f"--runs_dir={tmp_path / 'runs'}"]
-    assert train.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and "does not exist" in err
-    assert not (tmp_path / "runs").exists()
-
-
-def test_seed_examples_parse():
-    cfg = parse_args(["--run", "a cool ablation", "--accumulation_steps", "4", "--save_model=True"])
-    assert (cfg.run, cfg.accumulation_steps, cfg.save_model) == ("a cool ablation", 4, True)
-    assert parse_args(["--torch_compile=False"]).torch_compile is False
+    assert read_records(tmp_path / "runs" / "cli")[-1]["final"] is True
 
 
 def test_tiny_shakespeare_char_learns(tmp_path, shakespeare_path):
-    cfg = run_config(
-        tmp_path,
-        shakespeare_path,
-        run="shakespeare",
-        embedding_dim=64,
-        context_len=32,
-        batch_size=16,
-        max_steps=100,
-        warmup_steps=10,
-        lr=2e-3,
-        eval_every=50,
-        eval_steps=4,
-        log_every=25,
-        run_cases=True,
-    )
+    larger = dict(embedding_dim=64, context_len=32, batch_size=16, lr=2e-3, warmup_steps=10, max_steps=100)
+    evals = dict(eval_every=50, eval_steps=4, log_every=25, run_cases=True)
+    cfg = run_config(tmp_path, shakespeare_path, TRAINING, larger, evals, run="shakespeare")
     summary = train.train(cfg)
     assert summary["final_val_loss"] < 2.7 < math.log(65)
     assert len(summary["cases"]) == 20  # --run_cases ran the whole suite at the end
     assert all(not [name for name, ok in case["checks"].items() if ok is False] for case in summary["cases"])
-    records = read_metrics(tmp_path / "runs" / "shakespeare")
+    records = read_records(tmp_path / "runs" / "shakespeare")
     assert records[0]["loss"] > records[-2]["loss"]
 
 
@@ -251,12 +192,12 @@ def test_torch_compile_trains_like_eager(tmp_path, capsys):
     data_path = write_text(tmp_path / "text.txt", synthetic_text(5_000))
     common = dict(num_blocks=1, embedding_dim=32, context_len=16, batch_size=4, max_steps=3, log_every=1)
     common["dtype"] = "float32"  # like for like: auto may pick bf16 for compiled CPU runs
-    compiled = train.train(run_config(tmp_path, data_path, run="compiled", torch_compile=True, **common))
+    compiled = train.train(run_config(tmp_path, data_path, TRAINING, run="compiled", torch_compile=True, **common))
     out = capsys.readouterr().out
     assert "compiled in" in out and "torch.compile failed" not in out, out
-    eager = train.train(run_config(tmp_path, data_path, run="eager", torch_compile=False, **common))
-    compiled_losses = [r.get("loss") for r in read_metrics(tmp_path / "runs" / "compiled")]
-    eager_losses = [r.get("loss") for r in read_metrics(tmp_path / "runs" / "eager")]
+    eager = train.train(run_config(tmp_path, data_path, TRAINING, run="eager", torch_compile=False, **common))
+    compiled_losses = [r.get("loss") for r in read_records(tmp_path / "runs" / "compiled")]
+    eager_losses = [r.get("loss") for r in read_records(tmp_path / "runs" / "eager")]
     assert len(compiled_losses) == 4
     assert compiled_losses[:-1] == pytest.approx(eager_losses[:-1], rel=1e-3)
     assert compiled["final_val_loss"] == pytest.approx(eager["final_val_loss"], rel=1e-3)
@@ -279,6 +220,6 @@ def test_warm_up_compiles_what_the_first_step_runs(tmp_path, monkeypatch):
     torch._dynamo.reset()
     counters.clear()
     common = dict(num_blocks=1, embedding_dim=32, context_len=16, batch_size=4, max_steps=3, log_every=1)
-    train.train(run_config(tmp_path, data_path, run="bf16", torch_compile=True, dtype="bfloat16", **common))
+    train.train(run_config(tmp_path, data_path, TRAINING, run="bf16", torch_compile=True, dtype="bfloat16", **common))
     assert graphs["after_warm_up"] == 1 + 4  # the loss, and Muon's update for each of the 4 matrix shapes
     assert counters["stats"]["unique_graphs"] == graphs["after_warm_up"]
