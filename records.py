@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,9 @@ def unique_dir(parent: Path, name: str) -> Path:
     return path
 
 
-def default_run_name() -> str:
-    return time.strftime("run-%Y%m%d-%H%M%S")
+def run_name(asked: str | None) -> str:
+    """--run made safe as a folder name ("a cool ablation" -> "a-cool-ablation"), or a timestamp."""
+    return re.sub(r"[^\w.-]+", "-", asked or "").strip("-") or time.strftime("run-%Y%m%d-%H%M%S")
 
 
 def start_wandb(cfg: Config, run_name: str, info: dict[str, Any], run_id: str | None = None):

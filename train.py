@@ -1,10 +1,9 @@
 """Train a GPT: `uv run train.py --preset cpu` (see README for every flag).
 
-setup() wires config -> data -> model -> optimizers; the loop in run() takes optimizer steps (Trainer.step), logs and
-evaluates (log_step), saves (save) and stops at the last step, on the clock or on a signal; finish() runs the final
-evaluation, samples and summary. LoopState is what the loop carries from step to step, and the one definition of a
-checkpoint's state.json. Under `torchrun --nproc_per_node=N -- train.py ...` it trains data-parallel with DDP
-(docs/multi-gpu.md).
+setup() wires config -> data -> model -> optimizers into a Trainer; the loop in run() takes optimizer steps
+(Trainer.step), logs and evaluates, saves, and stops at the last step, on the clock or on a signal. LoopState is
+what the loop carries from step to step, and the one definition of a checkpoint's state.json.
+Under `torchrun --nproc_per_node=N -- train.py ...` it trains data-parallel with DDP (docs/multi-gpu.md).
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -31,7 +29,7 @@ from distributed import Distributed, init_distributed
 from inference import format_table, run_cases
 from model import GPT, generate
 from optimizer import Muon, build_optimizers, lr_multiplier, set_lr
-from records import RunRecorder, default_run_name
+from records import RunRecorder, run_name
 from tokenizer import Tokenizer
 from utils import (
     StopSignals,
@@ -75,7 +73,6 @@ class LoopState:
     interval_steps: int = 0
     last_checkpoint: Path | None = None  # the newest checkpoint this run wrote
     resumed_from: Path | None = None
-
     SAVED: ClassVar = ("run", "data", "world_size", "wandb_id", "step", "train_seconds", "eval_seconds", "loss_count")
 
     def to(self, device: torch.device) -> LoopState:
@@ -84,8 +81,12 @@ class LoopState:
 
     def state_dict(self) -> dict[str, Any]:
         best, position = self.best_val_loss if math.isfinite(self.best_val_loss) else None, self.batches.state_dict()
-        return {**{k: getattr(self, k) for k in self.SAVED}, "best_val_loss": best, "batches": position,
-                "loss_sum": self.loss_sum.item()}  # fmt: skip
+        return {
+            **{k: getattr(self, k) for k in self.SAVED},
+            "best_val_loss": best,
+            "batches": position,
+            "loss_sum": self.loss_sum.item(),
+        }
 
     def load_state_dict(self, state: dict[str, Any], folder: Path) -> None:
         """Continue where a checkpoint left off (this run's data and world size are its own)."""
@@ -105,8 +106,7 @@ class LoopState:
 
 def compile_loss(model: torch.nn.Module, compile_it: bool, x: torch.Tensor, y: torch.Tensor, autocast) -> Callable:
     """The training loss `loss(x, y)`: the model compiled now, forward and backward on one batch under the loop's
-    autocast (a change of autocast state would recompile at the first step); on any compiler failure, one warning
-    and the eager model."""
+    autocast (another autocast state would recompile at step 1); on a compiler failure, a warning and eager."""
     if not compile_it:
         return model
     print("compiling the model (the first step takes a while) ...", flush=True)
@@ -117,11 +117,8 @@ def compile_loss(model: torch.nn.Module, compile_it: bool, x: torch.Tensor, y: t
                 loss = compiled(x, y)
             loss.backward()
     except Exception as error:  # any compiler failure: training must go on
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        print(
-            f"warning: torch.compile failed ({type(error).__name__}: {message[:160]}); training in eager mode",
-            flush=True,
-        )
+        message = (str(error).strip().splitlines() or [""])[0][:160]
+        print(f"warning: torch.compile failed ({type(error).__name__}: {message}); training in eager mode", flush=True)
         return model
     finally:
         model.zero_grad(set_to_none=True)
@@ -129,9 +126,28 @@ def compile_loss(model: torch.nn.Module, compile_it: bool, x: torch.Tensor, y: t
     return compiled
 
 
+@torch.no_grad()
+def evaluate(model: GPT, batches: Batches, autocast, device: torch.device, ctx: Distributed | None = None) -> float:
+    """Mean loss per target token over the given batches; under torchrun each rank takes every world_size-th batch
+    and the sums are added up. Eager on purpose: eval mode and the final partial batch would each cost a
+    recompilation, and evaluation is a small share of the time. `model` is the plain one, never DDP's wrapper."""
+    ctx = ctx or Distributed()
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches[ctx.rank :: ctx.world_size]:
+        x, y = to_device(x, device), to_device(y, device)
+        with autocast():
+            total += model(x, y, reduction="sum").item()
+        count += int((y != -1).sum())
+    model.train()
+    total, count = ctx.all_reduce(total, count)
+    return total / count
+
+
 @dataclass
 class Trainer:
-    """What one optimizer step needs; bench/bench_train.py times this same step."""
+    """One training job's parts, wired by setup(). step() is one optimizer step (bench/bench_train.py times it with
+    the first group of fields alone); log(), final_evaluation(), save() and finish() serve the loop in run()."""
 
     cfg: Config
     model: GPT  # the plain model: evaluation, saving, sampling
@@ -142,14 +158,25 @@ class Trainer:
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     ctx: Distributed = field(default_factory=Distributed)
     ddp: DistributedDataParallel | None = None
+    # the rest of the job
+    tokenizer: Tokenizer | None = None
+    val_ids: torch.Tensor | None = None
+    recorder: RunRecorder | None = None
+    save_dir: Path | None = None
+    peak: float | None = None  # FLOP/s of all the devices in use, for MFU
 
     def __post_init__(self) -> None:
+        cfg, self.device = self.cfg, next(self.model.parameters()).device
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # what the gradient clipping sees
-        cfg = self.cfg
         self.tokens_per_step = cfg.batch_size * cfg.context_len * cfg.accumulation_steps * self.ctx.world_size
         matrices = self.model.num_params()["non_embedding"]
-        flops = flops_per_token(matrices, cfg.num_blocks, cfg.num_heads, cfg.head_dim, cfg.context_len)
-        self.step_flops = self.tokens_per_step * flops  # for MFU
+        self.step_flops = self.tokens_per_step * flops_per_token(
+            matrices, cfg.num_blocks, cfg.num_heads, cfg.head_dim, cfg.context_len
+        )
+        no_val = self.val_ids is None  # (the fixed batches of the periodic evaluations)
+        self.val_fixed = (
+            [] if no_val else fixed_val_batches(self.val_ids, cfg.batch_size, cfg.context_len, cfg.eval_steps)
+        )
 
     def step(self, state: LoopState) -> tuple[float, torch.Tensor]:
         """Optimizer step state.step + 1: accumulated micro-batches, clipping, the update; (lr multiplier, grad
@@ -157,7 +184,7 @@ class Trainer:
         cfg, step = self.cfg, state.step + 1
         lr_mult = lr_multiplier(step - 1, self.total_steps, cfg, state.train_seconds / (cfg.time_budget_s or math.inf))
         set_lr(self.optimizers, lr_mult)
-        step_loss = torch.zeros((), device=state.loss_sum.device)
+        step_loss = torch.zeros((), device=self.device)
         for micro in range(cfg.accumulation_steps):
             x, y = self.batches.next_batch()
             last = micro == cfg.accumulation_steps - 1  # DDP averages the gradients in the last backward only
@@ -184,48 +211,131 @@ class Trainer:
         state.step, state.interval_steps = step, state.interval_steps + 1
         return lr_mult, grad_norm
 
+    def log(self, state: LoopState, lr_mult: float, grad_norm: torch.Tensor, step_start: float, evaluate_now: bool):
+        """The record of the log interval ending at this step (console, metrics.jsonl, wandb), with the periodic
+        evaluation when it is due. The loss's .item() is the step's only sync: the step is timed after it."""
+        cfg, step = self.cfg, state.step
+        check_finite(state)
+        loss = state.loss_sum.item() / state.loss_count if state.loss_count else math.nan
+        now = time.perf_counter()
+        state.train_seconds += now - step_start
+        step_ms = (now - state.interval_start) / state.interval_steps * 1000
+        record = {
+            "step": step,
+            "loss": round(loss, 5),
+            "lr": cfg.lr * lr_mult,
+            "muon_lr": cfg.muon_lr * lr_mult if cfg.use_muon else None,
+            "grad_norm": round(float(grad_norm), 5),
+            "step_ms": round(step_ms, 2),
+            "tok_per_s": round(self.tokens_per_step / step_ms * 1000, 1),
+            "mfu": round(self.step_flops / (step_ms / 1000) / self.peak, 4) if self.peak else None,
+            "epoch": round(step * self.tokens_per_step / len(self.batches.tokens), 4),
+            "elapsed_s": round(state.train_seconds, 3),
+        }
+        if evaluate_now:
+            eval_start = time.perf_counter()
+            record["val_loss"] = round(evaluate(self.model, self.val_fixed, self.autocast, self.device, self.ctx), 5)
+            state.best_val_loss = min(state.best_val_loss, record["val_loss"])
+            state.eval_seconds += time.perf_counter() - eval_start
+        self.recorder.log(record)
+        print(format_line(record, self.total_steps), flush=True)
+        state.loss_sum.zero_()
+        state.loss_count, state.interval_start, state.interval_steps = 0, time.perf_counter(), 0
 
-@dataclass
-class Job:
-    """Everything one training job wires together (setup() builds it) around the step."""
+    def final_evaluation(self, state: LoopState) -> float:
+        """The loss over the whole validation split, recorded as the run's final record."""
+        check_finite(state)
+        print(f"final evaluation on the whole validation split ({len(self.val_ids)} tokens) ...", flush=True)
+        eval_start = time.perf_counter()
+        batches = full_val_batches(self.val_ids, self.cfg.batch_size, self.cfg.context_len)
+        val = evaluate(self.model, batches, self.autocast, self.device, self.ctx)
+        state.eval_seconds += time.perf_counter() - eval_start
+        state.best_val_loss = min(state.best_val_loss, val)
+        self.recorder.log(
+            {"step": state.step, "val_loss": round(val, 5), "final": True, "elapsed_s": round(state.train_seconds, 3)}
+        )
+        return val
 
-    trainer: Trainer
-    device: torch.device
-    tokenizer: Tokenizer
-    val_ids: torch.Tensor
-    val_fixed: Batches  # the fixed batches of the periodic evaluations
-    recorder: RunRecorder
-    save_dir: Path
-    resume: Resume | None
-    peak: float | None  # FLOP/s of the devices in use, for MFU
+    def save(self, state: LoopState) -> Path:
+        """A checkpoint of everything needed to continue after this step; never one of non-finite weights. Every
+        rank calls it (the ranks' random generators are gathered); rank 0 alone writes."""
+        check_finite(state)
+        if not torch.stack([torch.isfinite(p).all() for p in self.params]).all():
+            raise diverged(
+                state, f"the weights became non-finite by step {state.step} (an update too large); not saving them"
+            )
+        rngs = self.ctx.gather(rng_state(self.device))
+        if not self.ctx.is_main:
+            return self.save_dir / f"step_{state.step:06d}"
+        rng = {**rngs[0], "ranks": rngs[1:]} if self.ctx.active else rngs[0]
+        return save_checkpoint(
+            self.save_dir,
+            state.step,
+            self.model,
+            self.tokenizer.to_dict(),
+            self.optimizers,
+            state.state_dict(),
+            rng,
+            self.cfg.keep_checkpoints,
+        )
 
-    @property
-    def cfg(self) -> Config:
-        return self.trainer.cfg
+    def finish(self, state: LoopState, stopped_by: str | None, final_val: float | None) -> dict[str, Any]:
+        """Samples and inference cases (unless stopped by a signal), the closing lines, and the run's summary."""
+        cfg, step, checkpoint, samples = self.cfg, state.step, state.last_checkpoint, []
+        if stopped_by:
+            saved = f"saved {checkpoint}; continue with --resume {self.save_dir}" if checkpoint else "nothing saved"
+            print(f"stopped by {stopped_by} after step {step}: {saved}", flush=True)
+        elif cfg.num_samples and self.ctx.is_main:
+            print(f"--- {cfg.num_samples} samples ---")
+            generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+            for i in range(cfg.num_samples):
+                ids = generate(
+                    self.model, [self.tokenizer.start_id], cfg.sample_tokens, 0.8, 200, None, True, generator
+                )
+                samples.append(self.tokenizer.decode(list(ids)))
+                print(f"[sample {i + 1}]\n{samples[-1].strip()}\n", flush=True)
+        run_them = cfg.run_cases and not stopped_by and self.ctx.is_main
+        cases = run_cases(self.model, self.tokenizer, progress=True) if run_them else []
+        if cases:
+            print(format_table(cases), flush=True)
+        tok_per_s = step * self.tokens_per_step / max(state.train_seconds, 1e-9)
+        if not stopped_by:
+            print("=" * 78)
+            print(
+                f"done: {step} steps in {format_duration(state.train_seconds)} of training "
+                f"(+{state.eval_seconds:.1f}s eval), {human(tok_per_s)} tok/s"
+            )
+            print(f"final val loss {final_val:.4f} (whole split), best {state.best_val_loss:.4f}")
+            print(f"records: {self.recorder.dir}" + (f" | checkpoint: {checkpoint}" if checkpoint else ""), flush=True)
+        return {
+            "run": self.recorder.name,
+            "steps": step,
+            "final_val_loss": final_val,
+            "best_val_loss": state.best_val_loss,
+            "train_seconds": state.train_seconds,
+            "eval_seconds": state.eval_seconds,
+            "tok_per_s": tok_per_s,
+            "stopped_early": step < self.total_steps and not stopped_by,
+            "stopped_by": stopped_by,
+            "run_dir": str(self.recorder.dir),
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "samples": samples,
+            "cases": [r.to_dict() for r in cases],
+        }
 
-    @property
-    def ctx(self) -> Distributed:
-        return self.trainer.ctx
+
+def diverged(state: LoopState, what: str) -> UserError:
+    """The one-line error of a run whose loss, gradients or weights became non-finite, naming the last good save."""
+    good = state.last_checkpoint or state.resumed_from
+    advice = "lower --lr / --muon_lr, raise --warmup_steps, or pass --skip_nonfinite True"
+    if good:
+        return UserError(f"{what}; the last good checkpoint is {good}: resume from it and {advice}")
+    return UserError(f"{what}; no checkpoint was written: {advice}")
 
 
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, batches: Batches, autocast, device: torch.device, ctx: Distributed | None = None
-) -> float:
-    """Mean loss per target token over the given batches; under torchrun each rank takes every world_size-th batch
-    and the sums are added up. Eager on purpose: eval mode and the final partial batch would each cost a
-    recompilation, and evaluation is a small share of the time. `model` is the plain one, never DDP's wrapper."""
-    ctx = ctx or Distributed()
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in batches[ctx.rank :: ctx.world_size]:
-        x, y = to_device(x, device), to_device(y, device)
-        with autocast():
-            total += model(x, y, reduction="sum").item()
-        count += int((y != -1).sum())
-    model.train()
-    total, count = ctx.all_reduce(total, count)
-    return total / count
+def check_finite(state: LoopState) -> None:
+    if bad := int(state.first_bad_step):
+        raise diverged(state, f"the loss or gradient became non-finite at step {bad}")
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -244,25 +354,25 @@ def train(cfg: Config) -> dict[str, Any]:
 
 def run(cfg: Config, ctx: Distributed, device: torch.device) -> dict[str, Any]:
     """train() for this process, given its place in the job: the loop."""
-    job, state = setup(cfg, ctx, device)
-    trainer, stop_signum = job.trainer, 0
-    with job.recorder, StopSignals() as signals:
+    trainer, state = setup(cfg, ctx, device)
+    stop_signum = 0
+    with trainer.recorder, StopSignals() as signals:
         for _ in range(state.step, trainer.total_steps):
             # --- one optimizer step ---
             step_start = time.perf_counter()
             lr_mult, grad_norm = trainer.step(state)
             step = state.step
 
-            # --- log and evaluate (the loss's .item() is the only sync: time the step after it) ---
+            # --- log and evaluate ---
             evaluate_now = bool(cfg.eval_every) and step % cfg.eval_every == 0 and step != trainer.total_steps
             if step % cfg.log_every == 0 or step == trainer.total_steps or evaluate_now:
-                log_step(job, state, lr_mult, grad_norm, step_start, evaluate_now)
+                trainer.log(state, lr_mult, grad_norm, step_start, evaluate_now)
             else:
                 state.train_seconds += time.perf_counter() - step_start
 
             # --- save ---
             if cfg.save_model and cfg.save_every and step % cfg.save_every == 0 and step != trainer.total_steps:
-                state.last_checkpoint = save(job, state)
+                state.last_checkpoint = trainer.save(state)
                 print(f"saved {state.last_checkpoint}", flush=True)
 
             # --- stop? All ranks stop at the same step: on the first signal any got, by the slowest clock ---
@@ -274,16 +384,16 @@ def run(cfg: Config, ctx: Distributed, device: torch.device) -> dict[str, Any]:
                 break
 
         # --- the end: a signal skips the final evaluation (the user asked to stop), never the save ---
-        final_val = None if stop_signum else final_evaluation(job, state)
+        final_val = None if stop_signum else trainer.final_evaluation(state)
         just_saved = state.last_checkpoint and state.last_checkpoint.name == f"step_{state.step:06d}"
         if cfg.save_model and not (stop_signum and just_saved):
-            state.last_checkpoint = save(job, state)
+            state.last_checkpoint = trainer.save(state)
     signum = int(stop_signum) or signals.signum  # (one that came after the last step counts for the exit status)
-    return finish(job, state, signal.Signals(signum).name if signum else None, final_val)
+    return trainer.finish(state, signal.Signals(signum).name if signum else None, final_val)
 
 
-def setup(cfg: Config, ctx: Distributed, device: torch.device) -> tuple[Job, LoopState]:
-    """Check the outputs and the checkpoint to resume, then build data, model, optimizers, records; compile."""
+def setup(cfg: Config, ctx: Distributed, device: torch.device) -> tuple[Trainer, LoopState]:
+    """Check the outputs and the checkpoint to resume, then build data, model, optimizers and records; compile."""
     resume = read_resume(cfg.resume, cfg, ctx.world_size) if cfg.resume else None
     check_writable(cfg.runs_dir, "--runs_dir")
     if cfg.save_model:
@@ -307,209 +417,86 @@ def setup(cfg: Config, ctx: Distributed, device: torch.device) -> tuple[Job, Loo
     if resume:  # everything but the RNGs, which are set last, after start-up has drawn from them
         resume.restore(model, optimizers, tokenizer.to_dict(), state.data)
         state.load_state_dict(resume.state, resume.folder)
-    steps_per_epoch = max(1, batches.batches_per_epoch // cfg.accumulation_steps)
-    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-    val_fixed = fixed_val_batches(val_ids, cfg.batch_size, cfg.context_len, cfg.eval_steps)
-    autocast = autocast_for(dtype, device)
     ddp = None
     if ctx.active:  # DDP averages the gradients over ranks
         ddp = DistributedDataParallel(model, [device] if device.type == "cuda" else None)
         ddp.broadcast_buffers = False  # the buffers (rotary tables, vocab mask) are constants: no sync per forward
-
-    params = model.num_params()
-    peak, peak_source = peak_flops(device, dtype, cfg.peak_flops) if ctx.is_main else (None, "")
-    if peak and ctx.active:  # MFU counts every rank's work, so it is against the peak of every device in use
-        peak, peak_source = peak * ctx.world_size, f"{ctx.world_size} x {peak_source}"
-    name = state.run if resume else re.sub(r"[^\w.-]+", "-", cfg.run or "").strip("-") or default_run_name()
-    info = {"vocab_size": tokenizer.vocab_size, "params": params, "device": str(device), "world_size": ctx.world_size}
-    info = {**info, "train_tokens": len(train_ids)}
+    info = {
+        "vocab_size": tokenizer.vocab_size,
+        "params": model.num_params(),
+        "device": str(device),
+        "world_size": ctx.world_size,
+        "train_tokens": len(train_ids),
+    }
+    name = state.run if resume else run_name(cfg.run)
     recorder = RunRecorder(cfg, name, info, state.step if resume else None, state.wandb_id, enabled=ctx.is_main)
     state.run, state.wandb_id = recorder.name, recorder.wandb_id
     # a resumed run saves beside its checkpoint; a new one under the name rank 0 picked
     save_dir = resume.folder.parent if resume else Path(cfg.save_model_dir) / ctx.broadcast(recorder.name)
-    trainer = Trainer(cfg, model, model, optimizers, batches, total_steps, autocast, ctx, ddp)
-    job = Job(trainer, device, tokenizer, val_ids, val_fixed, recorder, save_dir, resume, peak)
-    print_banner(job, state, compile_it, dtype, peak_source)
+    steps_per_epoch = max(1, batches.batches_per_epoch // cfg.accumulation_steps)
+    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    peak, peak_source = peak_flops(device, dtype, cfg.peak_flops, ctx.world_size) if ctx.is_main else (None, "")
+    trainer = Trainer(
+        cfg,
+        model,
+        model,
+        optimizers,
+        batches,
+        total_steps,
+        autocast_for(dtype, device),
+        ctx,
+        ddp,
+        tokenizer,
+        val_ids,
+        recorder,
+        save_dir,
+        peak,
+    )
+    precision = f"{str(dtype).removeprefix('torch.')}, compile {'on' if compile_it else 'off'}"
+    print_banner(trainer, state, resume, precision, peak_source)
 
-    trainer.loss = compile_loss(ddp or model, compile_it, *(to_device(t, device) for t in val_fixed[0]), autocast)
+    x, y = (to_device(t, device) for t in trainer.val_fixed[0])
+    trainer.loss = compile_loss(ddp or model, compile_it, x, y, trainer.autocast)
     for optimizer in optimizers:  # like the loss: compile now what the first step would compile, not in the loop
         if isinstance(optimizer, Muon):
             optimizer.warm_up()
     if resume:
         resume.restore_rng(ctx.rank)
     state.interval_start = time.perf_counter()
-    return job, state
+    return trainer, state
 
 
-def print_banner(job: Job, state: LoopState, compile_it: bool, dtype: torch.dtype, peak_source: str) -> None:
+def print_banner(trainer: Trainer, state: LoopState, resume: Resume | None, dtype: str, peak_source: str) -> None:
     """The start-of-run summary, and the notices of a resumed run."""
-    cfg, ctx, device, params = job.cfg, job.ctx, job.device, job.trainer.model.num_params()
-    train_tokens = len(job.trainer.batches.tokens)
-    total_steps, tokens_per_step = job.trainer.total_steps, job.trainer.tokens_per_step
-    banner(
-        {
-            "run": f"{job.recorder.name}  (records in {job.recorder.dir})",
-            "resume": f"{job.resume.folder} at step {state.step}" if job.resume else None,
-            "device": f"{device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else str(device),
-            "ranks": f"{ctx.world_size} processes ({ctx.backend}), batch {cfg.batch_size} each" if ctx.active else None,
-            "dtype": f"{str(dtype).removeprefix('torch.')}, compile {'on' if compile_it else 'off'}",
-            "model": f"{cfg.num_blocks} blocks x {cfg.num_heads} heads x {cfg.embedding_dim} dim, context {cfg.context_len}, "
-            f"{cfg.pos_emb}, {cfg.activation}{', qk-norm' if cfg.qk_norm else ''}{', sink' if cfg.attn_sink else ''}",
-            "params": f"{human(params['total'])} total = {human(params['embedding'])} embedding + "
-            f"{human(params['non_embedding'])} other (head included)",
-            "data": f"{cfg.data_path}: {human(train_tokens)} train / {human(len(job.val_ids))} val tokens, "
-            f"tokenizer {cfg.tokenizer} ({job.tokenizer.vocab_size} ids)",
-            "steps": f"{total_steps} x {tokens_per_step} tokens ({cfg.batch_size} x {cfg.context_len} x "
-            f"{cfg.accumulation_steps} accumulation{f' x {ctx.world_size} ranks' if ctx.active else ''}) = "
-            f"{total_steps * tokens_per_step / train_tokens:.2f} epochs",
-            "optimizer": (
-                f"Muon lr {cfg.muon_lr} (hidden matrices) + AdamW lr {cfg.lr}" if cfg.use_muon else f"AdamW lr {cfg.lr}"
-            )
-            + f", {cfg.lr_schedule} schedule, warmup {cfg.warmup_steps}",
-            "MFU peak": f"{job.peak / 1e12:.3g} TFLOP/s ({peak_source})" if job.peak else f"n/a ({peak_source})",
-            "saving": f"{job.save_dir} (--keep_checkpoints {cfg.keep_checkpoints})"
-            if cfg.save_model
-            else "off (--save_model True to keep the weights)",
-        },
-    )
-    if job.resume and job.resume.changes:
-        changes = ", ".join(job.resume.changes)
+    cfg, ctx, device, params = trainer.cfg, trainer.ctx, trainer.device, trainer.model.num_params()
+    train_tokens, total, per_step = len(trainer.batches.tokens), trainer.total_steps, trainer.tokens_per_step
+    optimizer = f"Muon lr {cfg.muon_lr} (hidden matrices) + AdamW lr {cfg.lr}" if cfg.use_muon else f"AdamW lr {cfg.lr}"
+    parts = f"{cfg.num_blocks} blocks x {cfg.num_heads} heads x {cfg.embedding_dim} dim, context {cfg.context_len}"
+    features = f"{cfg.pos_emb}, {cfg.activation}{', qk-norm' if cfg.qk_norm else ''}{', sink' if cfg.attn_sink else ''}"
+    shape = f"{cfg.batch_size} x {cfg.context_len} x {cfg.accumulation_steps} accumulation"
+    lines = {
+        "run": f"{trainer.recorder.name}  (records in {trainer.recorder.dir})",
+        "resume": f"{resume.folder} at step {state.step}" if resume else None,
+        "device": f"{device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else str(device),
+        "ranks": f"{ctx.world_size} processes ({ctx.backend}), batch {cfg.batch_size} each" if ctx.active else None,
+        "dtype": dtype,
+        "model": f"{parts}, {features}",
+        "params": f"{human(params['total'])} total = {human(params['embedding'])} embedding + "
+        f"{human(params['non_embedding'])} other (head included)",
+        "data": f"{cfg.data_path}: {human(train_tokens)} train / {human(len(trainer.val_ids))} val tokens, "
+        f"tokenizer {cfg.tokenizer} ({trainer.tokenizer.vocab_size} ids)",
+        "steps": f"{total} x {per_step} tokens ({shape}{f' x {ctx.world_size} ranks' if ctx.active else ''}) = "
+        f"{total * per_step / train_tokens:.2f} epochs",
+        "optimizer": f"{optimizer}, {cfg.lr_schedule} schedule, warmup {cfg.warmup_steps}",
+        "MFU peak": f"{trainer.peak / 1e12:.3g} TFLOP/s ({peak_source})" if trainer.peak else f"n/a ({peak_source})",
+        "saving": f"{trainer.save_dir} (--keep_checkpoints {cfg.keep_checkpoints})" if cfg.save_model else "off",
+    }
+    banner(lines)
+    if resume and resume.changes:
+        changes = ", ".join(resume.changes)
         print(f"notice: resuming with {changes}; the run will differ from an uninterrupted one", flush=True)
-    if state.step >= total_steps:
-        print(f"notice: the checkpoint is at step {state.step} of {total_steps}; raise --max_steps to train on")
-
-
-def log_step(
-    job: Job, state: LoopState, lr_mult: float, grad_norm: torch.Tensor, step_start: float, evaluate_now: bool
-) -> None:
-    """One record (console, metrics.jsonl, wandb) for the log interval that ends at this step, with the periodic
-    evaluation when it is due; the interval starts afresh."""
-    cfg, trainer, step = job.cfg, job.trainer, state.step
-    check_finite(state)
-    loss = state.loss_sum.item() / state.loss_count if state.loss_count else math.nan  # .item(): time only after it
-    now = time.perf_counter()
-    state.train_seconds += now - step_start
-    step_ms = (now - state.interval_start) / state.interval_steps * 1000
-    record = {
-        "step": step,
-        "loss": round(loss, 5),
-        "lr": cfg.lr * lr_mult,
-        "muon_lr": cfg.muon_lr * lr_mult if cfg.use_muon else None,
-        "grad_norm": round(float(grad_norm), 5),
-        "step_ms": round(step_ms, 2),
-        "tok_per_s": round(trainer.tokens_per_step / step_ms * 1000, 1),
-        "mfu": round(trainer.step_flops / (step_ms / 1000) / job.peak, 4) if job.peak else None,
-        "epoch": round(step * trainer.tokens_per_step / len(trainer.batches.tokens), 4),
-        "elapsed_s": round(state.train_seconds, 3),
-    }
-    if evaluate_now:
-        eval_start = time.perf_counter()
-        record["val_loss"] = round(
-            evaluate(job.trainer.model, job.val_fixed, job.trainer.autocast, job.device, job.ctx), 5
-        )
-        state.best_val_loss = min(state.best_val_loss, record["val_loss"])
-        state.eval_seconds += time.perf_counter() - eval_start
-    job.recorder.log(record)
-    print(format_line(record, job.trainer.total_steps), flush=True)
-    state.loss_sum.zero_()
-    state.loss_count, state.interval_start, state.interval_steps = 0, time.perf_counter(), 0
-
-
-def final_evaluation(job: Job, state: LoopState) -> float:
-    """The loss over the whole validation split, recorded as the run's final record."""
-    check_finite(state)
-    print(f"final evaluation on the whole validation split ({len(job.val_ids)} tokens) ...", flush=True)
-    eval_start = time.perf_counter()
-    batches = full_val_batches(job.val_ids, job.cfg.batch_size, job.cfg.context_len)
-    val = evaluate(job.trainer.model, batches, job.trainer.autocast, job.device, job.ctx)
-    state.eval_seconds += time.perf_counter() - eval_start
-    state.best_val_loss = min(state.best_val_loss, val)
-    job.recorder.log(
-        {"step": state.step, "val_loss": round(val, 5), "final": True, "elapsed_s": round(state.train_seconds, 3)}
-    )
-    return val
-
-
-def diverged(state: LoopState, what: str) -> UserError:
-    """The one-line error of a run whose loss, gradients or weights became non-finite, naming the last good save."""
-    good = state.last_checkpoint or state.resumed_from
-    advice = "lower --lr / --muon_lr, raise --warmup_steps, or pass --skip_nonfinite True"
-    if good:
-        return UserError(f"{what}; the last good checkpoint is {good}: resume from it and {advice}")
-    return UserError(f"{what}; no checkpoint was written: {advice}")
-
-
-def check_finite(state: LoopState) -> None:
-    if bad := int(state.first_bad_step):
-        raise diverged(state, f"the loss or gradient became non-finite at step {bad}")
-
-
-def save(job: Job, state: LoopState) -> Path:
-    """A checkpoint of everything needed to continue after this step; never one of non-finite weights. Every rank
-    calls it (the ranks' random generators are gathered); rank 0 alone writes."""
-    check_finite(state)
-    model = job.trainer.model
-    if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
-        raise diverged(
-            state, f"the weights became non-finite by step {state.step} (an update too large); not saving them"
-        )
-    rngs = job.ctx.gather(rng_state(job.device))
-    if not job.ctx.is_main:
-        return job.save_dir / f"step_{state.step:06d}"
-    rng = {**rngs[0], "ranks": rngs[1:]} if job.ctx.active else rngs[0]
-    tokenizer, keep = job.tokenizer.to_dict(), job.cfg.keep_checkpoints
-    return save_checkpoint(
-        job.save_dir, state.step, model, tokenizer, job.trainer.optimizers, state.state_dict(), rng, keep
-    )
-
-
-def finish(job: Job, state: LoopState, stopped_by: str | None, final_val: float | None) -> dict[str, Any]:
-    """Samples and inference cases (unless stopped by a signal), the closing lines, and the run's summary."""
-    cfg, step, checkpoint = job.cfg, state.step, state.last_checkpoint
-    model = job.trainer.model
-    samples = []
-    if stopped_by:
-        saved = (
-            f"saved {checkpoint}; continue with --resume {job.save_dir}"
-            if checkpoint
-            else "saving is off, nothing saved"
-        )
-        print(f"stopped by {stopped_by} after step {step}: {saved}", flush=True)
-    elif cfg.num_samples and job.ctx.is_main:
-        print(f"--- {cfg.num_samples} samples ---")
-        generator = torch.Generator(device=job.device).manual_seed(cfg.seed)
-        for i in range(cfg.num_samples):
-            ids = generate(model, [job.tokenizer.start_id], cfg.sample_tokens, 0.8, 200, None, True, generator)
-            samples.append(job.tokenizer.decode(list(ids)))
-            print(f"[sample {i + 1}]\n{samples[-1].strip()}\n", flush=True)
-    run_them = cfg.run_cases and not stopped_by and job.ctx.is_main
-    case_results = run_cases(model, job.tokenizer, progress=True) if run_them else []
-    if case_results:
-        print(format_table(case_results), flush=True)
-    summary = {
-        "run": job.recorder.name,
-        "steps": step,
-        "final_val_loss": final_val,
-        "best_val_loss": state.best_val_loss,
-        "train_seconds": state.train_seconds,
-        "eval_seconds": state.eval_seconds,
-        "tok_per_s": step * job.trainer.tokens_per_step / max(state.train_seconds, 1e-9),
-        "stopped_early": step < job.trainer.total_steps and not stopped_by,
-        "stopped_by": stopped_by,
-        "run_dir": str(job.recorder.dir),
-        "checkpoint": str(checkpoint) if checkpoint else None,
-        "samples": samples,
-        "cases": [r.to_dict() for r in case_results],
-    }
-    if not stopped_by:
-        print("=" * 78)
-        print(
-            f"done: {step} steps in {format_duration(state.train_seconds)} of training (+{state.eval_seconds:.1f}s "
-            f"eval), {human(summary['tok_per_s'])} tok/s"
-        )
-        print(f"final val loss {final_val:.4f} (whole split), best {state.best_val_loss:.4f}")
-        print(f"records: {job.recorder.dir}" + (f" | checkpoint: {checkpoint}" if checkpoint else ""))
-    return summary
+    if state.step >= total:
+        print(f"notice: the checkpoint is at step {state.step} of {total}; raise --max_steps to train on")
 
 
 def main(argv: list[str] | None = None) -> int:

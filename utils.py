@@ -239,9 +239,17 @@ def cpu_peak_flops(dtype: torch.dtype, cache_file: Path = CPU_PEAK_CACHE) -> flo
 
 
 def peak_flops(
-    device: torch.device, dtype: torch.dtype, override: float | None, cache_file: Path = CPU_PEAK_CACHE
+    device: torch.device, dtype: torch.dtype, override: float | None, world_size: int = 1, cache: Path = CPU_PEAK_CACHE
 ) -> tuple[float | None, str]:
-    """(peak FLOP/s of one device, how it was found): --peak_flops, the GPU table, a CPU probe, or None = 'n/a'."""
+    """(peak FLOP/s of the devices in use, how it was found): --peak_flops, the GPU table or a CPU probe for one
+    device, times the ranks of a torchrun job (MFU counts every rank's work); None = 'n/a'."""
+    peak, source = _device_peak_flops(device, dtype, override, cache)
+    if peak and world_size > 1:
+        return peak * world_size, f"{world_size} x {source}"
+    return peak, source
+
+
+def _device_peak_flops(device: torch.device, dtype: torch.dtype, override: float | None, cache: Path):
     if override:
         return override, "--peak_flops"
     if device.type == "cuda":
@@ -249,5 +257,5 @@ def peak_flops(
         peak = gpu_peak_flops(name)
         return peak, f"{name} dense bf16 table" if peak else f"{name} not in the table (use --peak_flops)"
     if device.type == "cpu":
-        return cpu_peak_flops(dtype, cache_file), "measured CPU matmul peak"
+        return cpu_peak_flops(dtype, cache), "measured CPU matmul peak"
     return None, f"{device.type} peak unknown (use --peak_flops)"

@@ -45,3 +45,17 @@ def test_learning_benchmark_refuses_bad_flags_in_one_line(tmp_path, capsys):
     bench = load_bench("bench_learning")
     assert bench.main(["--presets", "no-such-preset", "--runs_dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("error: --preset: invalid choice")
+
+
+def test_train_benchmark_times_the_real_step_and_writes_json(tmp_path, capsys):
+    bench = load_bench("bench_train")
+    out = tmp_path / "train.json"
+    flags = ["--num_blocks", "1", "--embedding_dim", "32", "--context_len", "16", "--batch_size", "2"]
+    flags += ["--accumulation_steps", "2", "--peak_flops", "1e12", "--device", "cpu"]
+    argv = ["--steps", "2", "--repeats", "2", "--variants", "eager-fp32,eager-bf16", "--out", str(out)]
+    assert bench.main([*argv, *flags]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["eager-fp32", "eager-bf16"]
+    for row in rows:
+        assert row["ms_per_step"] > 0 and len(row["rounds_ms"]) == 2 and row["mfu"] > 0
+        assert row["tok_per_s"] == pytest.approx(2 * 16 * 2 / row["ms_per_step"] * 1000, rel=0.01)

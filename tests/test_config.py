@@ -165,3 +165,18 @@ def test_a_base_config_sits_under_presets_and_flags():
     assert (cfg.embedding_dim, cfg.num_heads, cfg.lr) == (64, 4, 0.002)
     assert parse_args(["--preset", "cpu"], base=base).embedding_dim == PRESETS["cpu"]["embedding_dim"]
     assert parse_args([], base=None) == parse_args([])
+
+
+def test_every_flag_has_a_resume_rule_and_shape_changing_flags_must_match():
+    """A flag that changes the shape of any weight cannot change on --resume: its rule must be MATCH."""
+    from model import GPT
+
+    assert {f.metadata["on_resume"] for f in FIELDS.values()} <= {config.MATCH, config.NOTICE, config.FREE}
+    base = dict(num_blocks=2, num_heads=2, embedding_dim=16, context_len=8, pos_emb="learned", attn_sink=True)
+    shapes = {n: p.shape for n, p in GPT(Config(**base), 65).state_dict().items()}
+    variants = {"num_blocks": 3, "num_heads": 4, "embedding_dim": 32, "context_len": 16, "pos_emb": "rope"}
+    variants |= {"attn_sink": False, "qk_norm": False}
+    for name, value in variants.items():
+        other = {n: p.shape for n, p in GPT(Config(**{**base, name: value}), 65).state_dict().items()}
+        assert other != shapes, name  # the variant really changes a shape
+        assert FIELDS[name].metadata["on_resume"] == config.MATCH, name

@@ -122,6 +122,23 @@ def test_checkpoint_reloads_to_the_trained_model(synthetic_run):
         assert not torch.equal(model(idx), load_checkpoint(save_dir / "step_000030")[0](idx))
 
 
+def test_state_json_is_the_loop_state_and_loads_back(synthetic_run):
+    """state.json is LoopState.state_dict() (plus the model's vocab_size), and load_state_dict reads it back whole."""
+    cfg, _ = synthetic_run
+    folder = cfg_runs(cfg).parent / "models" / "synthetic" / "step_000030"
+    saved = json.loads((folder / "state.json").read_text())
+    _, train_ids, _ = load_dataset(cfg)
+    batches = TrainBatches(train_ids, cfg.batch_size, cfg.context_len, cfg.seed, torch.device("cpu"))
+    state = train.LoopState(batches=batches)
+    assert set(saved) == set(state.state_dict()) | {"vocab_size"}
+    state.load_state_dict(saved, folder)
+    assert state.step == 30 and state.resumed_from == folder
+    assert state.state_dict() == {k: v for k, v in saved.items() if k != "vocab_size"} | {"data": {}, "world_size": 1}
+    del saved["loss_sum"]
+    with pytest.raises(train.UserError, match="lacks the training state to resume \\(loss_sum in state.json\\)"):
+        train.LoopState(batches=batches).load_state_dict(saved, folder)
+
+
 def test_time_budget_stops_early(tmp_path):
     data_path = write_text(tmp_path / "text.txt", synthetic_text(20_000))
     cfg = run_config(tmp_path, data_path, TRAINING, run="budget", max_steps=100_000, time_budget_s=1.0, log_every=1000)
