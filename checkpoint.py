@@ -27,12 +27,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from config import FIELDS, MATCH, NOTICE, Config, UserError
+from config import FIELDS, KINDS, MATCH, NOTICE, Config, UserError
 from model import GPT
-from utils import atomic_write, fsync_dir
+from tokenizer import check_tokenizer_dict
+from utils import atomic_write, fsync_dir, out_of_space
 
 LATEST = "latest"
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP prefix every state_dict key
@@ -64,9 +65,20 @@ def save_checkpoint(
     state: dict[str, Any] | None = None,
     rng: dict[str, Any] | None = None,
     keep: int | None = None,
+    protect: Path | None = None,
 ) -> Path:
-    """Write step_<step>/ atomically, point `latest` at it, keep the newest `keep` (None: all); returns the folder."""
+    """Write step_<step>/ atomically, point `latest` at it, keep the newest `keep` (None: all) and `protect` (the
+    checkpoint the run resumed from); returns the folder. A full disk is one line; the previous checkpoint stays."""
     model = unwrap(model)
+    needed = tensor_bytes(model.state_dict()) + sum(tensor_bytes(o.state) for o in optimizers or [])
+    with out_of_space(run_dir, f"the checkpoint of step {step}", needed):
+        final = _write_checkpoint(run_dir, step, model, tokenizer_dict, optimizers, state, rng)
+        atomic_write(run_dir / LATEST, final.name + "\n")  # only now does `latest` move to the complete folder
+    prune_checkpoints(run_dir, keep, final, protect)
+    return final
+
+
+def _write_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer_dict, optimizers, state, rng) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{final.name}.", suffix=".tmp"))
@@ -92,17 +104,25 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write(run_dir / LATEST, final.name + "\n")  # only now does `latest` move to the complete folder
-    prune_checkpoints(run_dir, keep, final)
     return final
 
 
-def prune_checkpoints(run_dir: Path, keep: int | None, current: Path) -> None:
-    """Delete all but the newest `keep` step_* folders (never `current`) and the temp folders of crashed saves."""
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of every tensor in a (nested) state dict."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    return sum(tensor_bytes(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
+
+
+def prune_checkpoints(run_dir: Path, keep: int | None, current: Path, protect: Path | None = None) -> None:
+    """Delete all but the newest `keep` step_* folders (never `current` or `protect`) and the temp folders of
+    crashed saves."""
     doomed = [p for p in run_dir.glob(".step_*.tmp") if p.is_dir()]
     if keep is not None:
         for old in step_folders(run_dir)[:-keep]:
-            if old != current:
+            if old not in (current, protect):
                 gone = run_dir / f".{old.name}.deleting.tmp"
                 os.replace(old, gone)  # vanish in one rename, so no half-deleted checkpoint is ever visible
                 doomed.append(gone)
@@ -110,79 +130,237 @@ def prune_checkpoints(run_dir: Path, keep: int | None, current: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder whose `latest` names one (else its newest step_* folder)."""
-    path = Path(path)
-    named = (path / LATEST).read_text().strip() if (path / LATEST).is_file() else ""
-    if named and (path / named).is_dir():
-        path = path / named
-    elif path.is_dir() and not (path / "model.safetensors").exists():
-        # `latest` missing or naming a vanished folder (a crash between two renames): the newest complete one
-        path = (step_folders(path) or [path])[-1]
-    if not (path / "model.safetensors").exists():
-        raise UserError(
-            f"{path} is not a checkpoint (no model.safetensors); pass a step_* folder or a run folder with 'latest'"
-        )
-    return path
+# ----------------------------------------------------------------------------------------------------------------
+# Reading: every file is checked against what its writer writes before anything uses it. A file that is missing,
+# unreadable or of another shape is one line: "checkpoint X is damaged or incomplete (file: why); use an earlier
+# step_* folder". Given a run folder, a damaged newest checkpoint is passed over for the newest usable one.
 
 
-def _damaged(folder: Path, error: BaseException, file: str = "") -> UserError:
+class Damaged(UserError):
+    """A checkpoint whose files are missing, unreadable or not what save_checkpoint writes; `reason` is "file: why"."""
+
+    def __init__(self, folder: Path, reason: str, advice: str = "use an earlier step_* folder"):
+        self.folder, self.reason = folder, reason
+        super().__init__(f"checkpoint {folder} is damaged or incomplete ({reason}); {advice}")
+
+
+def _damaged(folder: Path, error: BaseException, file: str = "") -> Damaged:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    where = f"{file}: " if file else ""
-    return UserError(
-        f"checkpoint {folder} is damaged or incomplete ({where}{first_line[:200]}); use an earlier step_* folder"
-    )
+    return Damaged(folder, f"{file}: {first_line[:200]}" if file else first_line[:200])
+
+
+def resolve_checkpoint(path: str | Path, usable_for: str | None = None, notice: bool = True) -> Path:
+    """A checkpoint folder as given, or a run folder's newest checkpoint: the one `latest` names, else (no `latest`,
+    or one naming no step_* folder) the newest step_* folder. With usable_for ("sample" or "resume"), a run folder's
+    newest checkpoint that unusable() finds fault with is passed over for the next older one that passes, said in
+    one `notice:` line (unless notice=False); when none passes, the newest one's fault is the error. Folders newer
+    than the one `latest` names (a save or a --overwrite_newer cut short) are never taken. A checkpoint folder given
+    as such is returned as it is, to be refused when read."""
+    path = Path(path)
+    run_folder = (path / LATEST).is_file() or (path.is_dir() and not (path / "model.safetensors").exists())
+    folders = step_folders(path) if run_folder else []
+    if not folders:
+        if not (path / "model.safetensors").exists():
+            raise UserError(
+                f"{path} is not a checkpoint (no model.safetensors); pass a step_* folder or a run folder with 'latest'"
+            )
+        return path  # a checkpoint folder
+    named = (path / LATEST).read_text(errors="replace").strip() if (path / LATEST).is_file() else ""
+    if named in (names := [f.name for f in folders]):
+        folders = folders[: names.index(named) + 1]
+    newest_first = folders[::-1]
+    if usable_for is None:
+        return newest_first[0]
+    faults = []
+    for folder in newest_first:
+        if (fault := unusable(folder, usable_for)) is None:
+            if faults and notice:
+                more = f" (and {len(faults) - 1} more)" if len(faults) > 1 else ""
+                print(
+                    f"notice: checkpoint {newest_first[0]} is damaged or incomplete ({faults[0]}){more}; using "
+                    f"{folder.name}, the newest usable checkpoint of {path}",
+                    flush=True,
+                )
+            return folder
+        faults.append(fault)
+    if len(faults) > 1:
+        raise Damaged(newest_first[0], faults[0], f"no earlier step_* folder of {path} is usable either")
+    raise Damaged(newest_first[0], faults[0], f"{path} holds no other checkpoint")
+
+
+def unusable(folder: Path, purpose: str = "sample") -> str | None:
+    """What keeps `folder` from serving to sample from ("sample") or to resume ("resume"), as "file: why"; None when
+    nothing does. Cheap: the JSON files, the weights' header (names and shapes, against the model the config
+    makes) and, to resume, rng.pt and the structure of optimizer.pt (memory-mapped: its tensors are not read)."""
+    try:
+        config, _, state = read_checkpoint(folder)
+        try:
+            with safe_open(folder / "model.safetensors", "pt") as weights:
+                shapes = {_plain_name(k): tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}  # noqa: SIM118
+            with torch.device("meta"):  # the model's shapes without its memory
+                expected = GPT(Config.from_dict(config), state["vocab_size"]).state_dict()
+            check_weight_shapes(shapes, expected)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+            raise _damaged(folder, error, "model.safetensors") from None
+        if purpose == "resume":
+            for name in ("optimizer.pt", "rng.pt"):
+                if not (folder / name).is_file():
+                    return f"no {name}: it can be sampled from, not resumed"
+            load_rng_state(folder, state.get("world_size", 1))
+            try:
+                check_optimizer_states(_load_tensors(folder / "optimizer.pt", mmap=True))
+            except Exception as error:  # as in load_optimizer_state
+                raise _damaged(folder, error, "optimizer.pt") from None
+    except Damaged as error:
+        return error.reason
+    return None
 
 
 def read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(config dict, tokenizer dict, state dict): the JSON files of a checkpoint folder."""
-    try:
-        config, tokenizer, state = (
-            json.loads((folder / n).read_text()) for n in ("config.json", "tokenizer.json", "state.json")
+    """(config dict, tokenizer dict, state dict): the JSON files of a checkpoint folder, each checked against what
+    save_checkpoint writes (check_config, check_state, tokenizer.check_tokenizer_dict) and against each other."""
+    files = {}
+    for name in ("config.json", "tokenizer.json", "state.json"):
+        try:
+            files[name] = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as error:  # (UnicodeDecodeError and JSON errors: ValueError)
+            raise _damaged(folder, error, name) from None
+    config, tokenizer, state = files.values()
+    checks = (
+        ("config.json", lambda: check_config(config)),
+        ("state.json", lambda: check_state(state, folder)),
+        ("tokenizer.json", lambda: check_tokenizer_dict(tokenizer, state["vocab_size"])),
+    )
+    for name, check in checks:
+        try:
+            check()
+        except (ValueError, TypeError) as error:
+            raise _damaged(folder, error, name) from None
+    if config["tokenizer"] != tokenizer["name"]:
+        raise Damaged(
+            folder, f"tokenizer.json: a {tokenizer['name']} tokenizer, but config.json has {config['tokenizer']}"
         )
-        missing = {"step", "vocab_size"} - set(state)
-        if missing:
-            raise ValueError(f"state.json lacks {', '.join(sorted(missing))}")
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise _damaged(folder, error) from None
     return config, tokenizer, state
 
 
+def check_config(config: Any) -> Config:
+    """The Config a config.json holds, or ValueError (UserError) naming what is wrong. Every flag whose resume rule is
+    MATCH (the model's shape, the tokens, the optimizer layout, the data order) must be there: its default would be
+    another model or run than the one saved. Every flag there must be of its type (a bool where a bool goes, an
+    integer where an integer goes and never a bool, a number where a float goes, None only where None is allowed)
+    and valid (Config.validate). A missing NOTICE or FREE flag takes its default, as for a checkpoint written before
+    the flag existed (read_resume names the NOTICE ones in its notice); keys this version does not know are ignored."""
+    if not isinstance(config, dict):
+        raise ValueError(f"expected an object of flags, got {_json_type(config)}")
+    if missing := [name for name, f in FIELDS.items() if name not in config and f.metadata["on_resume"] == MATCH]:
+        raise ValueError(f"lacks {', '.join(missing[:4])}{f' and {len(missing) - 4} more' if len(missing) > 4 else ''}")
+    for name, (kind, optional) in KINDS.items():
+        value = config.get(name)
+        if name in config and not ((value is None and optional) or _is(value, kind)):
+            what = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+            raise ValueError(f"{name} must be {what}{' or null' if optional else ''}, got {_json_repr(value)}")
+    return Config.from_dict(config)
+
+
+def check_state(state: Any, folder: Path) -> None:
+    """ValueError unless state.json has the checkpoint's own keys: step (an integer >= 0, the step_* folder's number)
+    and vocab_size (an integer > 0). The loop's keys are train.LoopState's to check."""
+    if not isinstance(state, dict):
+        raise ValueError(f"expected an object, got {_json_type(state)}")
+    for key, low in (("step", 0), ("vocab_size", 1)):
+        if key not in state:
+            raise ValueError(f"lacks {key}")
+        if not _is(state[key], int) or state[key] < low:
+            raise ValueError(f"{key} must be an integer >= {low}, got {_json_repr(state[key])}")
+    number = folder.name.removeprefix("step_")
+    if folder.name.startswith("step_") and number.isdigit() and int(number) != state["step"]:
+        raise ValueError(f"step {state['step']} in the folder of step {int(number)}")
+
+
+def _is(value: Any, kind: type) -> bool:
+    """isinstance for JSON values: bool is not an int, and an int is a float."""
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+def _json_repr(value: Any) -> str:
+    return json.dumps(value)[:40] if isinstance(value, (dict, list, str)) or value is None else repr(value)[:40]
+
+
+def _plain_name(key: str) -> str:
+    """A saved tensor's name without the torch.compile / DDP prefixes, in any order and number."""
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def check_weight_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, torch.Tensor]) -> None:
+    """ValueError unless the saved tensors are the ones of the model that config.json and vocab_size make, name for
+    name and shape for shape."""
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or extra:
+        what = [
+            f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+            f"{len(extra)} unknown (e.g. {extra[0]})" if extra else "",
+        ]
+        raise ValueError(f"tensors {' and '.join(w for w in what if w)} for the model config.json describes")
+    for name, tensor in expected.items():
+        if tuple(found[name]) != tuple(tensor.shape):
+            raise ValueError(
+                f"{name} is {list(found[name])}, the model config.json and vocab_size describe has {list(tensor.shape)}"
+            )
+
+
 def load_weights(folder: Path, model: torch.nn.Module) -> None:
-    """The checkpoint's weights into `model`; keys saved with a torch.compile / DDP prefix load too."""
+    """The checkpoint's weights into `model` (names, shapes and finiteness checked first); keys saved with a
+    torch.compile / DDP prefix load too."""
     try:
-        weights = load_file(folder / "model.safetensors")
-        for prefix in WRAPPER_PREFIXES:
-            weights = {k.removeprefix(prefix): v for k, v in weights.items()}
+        weights = {_plain_name(k): v for k, v in load_file(folder / "model.safetensors").items()}
+        check_weight_shapes({k: tuple(v.shape) for k, v in weights.items()}, unwrap(model).state_dict())
+        if bad := [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
+            raise ValueError(f"{bad[0]} holds NaN or infinite values")
         unwrap(model).load_state_dict(weights)
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         raise _damaged(folder, error, "model.safetensors") from None
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any], dict[str, Any]]:
-    """(model, tokenizer dict, state dict) from a checkpoint or run folder; refuses damaged files in one line."""
-    folder = resolve_checkpoint(path)
+    """(model, tokenizer dict, state dict) from a checkpoint or run folder (a damaged newest checkpoint of a run
+    folder is passed over, with a notice); refuses damaged files in one line."""
+    folder = resolve_checkpoint(path, usable_for="sample")
     config, tokenizer_dict, state = read_checkpoint(folder)
-    try:
-        model = GPT(Config.from_dict(config), state["vocab_size"])
-    except (ValueError, TypeError) as error:
-        raise _damaged(folder, error) from None
+    model = GPT(Config.from_dict(config), state["vocab_size"])
     load_weights(folder, model)
     return model.to(device), tokenizer_dict, state
 
 
-def _load_tensors(path: Path) -> Any:
-    """torch.load that executes no code; a damaged file's pickle-protocol warnings stay out of the one-line error."""
+def _load_tensors(path: Path, mmap: bool = False) -> Any:
+    """torch.load that executes no code; a damaged file's pickle-protocol warnings stay out of the one-line error.
+    mmap: map the tensors' bytes rather than read them (to look at the structure alone)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.load(path, weights_only=True, map_location="cpu")
+        try:
+            return torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
+        except FileNotFoundError:
+            raise
+        except Exception as error:  # truncated, not a zip, a pickle of other things: the details say little
+            detail = ": ".join([type(error).__name__, *str(error).strip().splitlines()[:1]])[:160]
+            raise ValueError(f"not a file of tensors torch.save wrote ({detail})") from None
 
 
 def load_optimizer_state(folder: Path, optimizers: list[torch.optim.Optimizer]) -> None:
-    """Restore each optimizer's state (momenta, Adam moments, step counts); its hyperparameters stay as built, so a
-    resumed run may change --lr and friends."""
+    """Restore each optimizer's state (momenta, Adam moments, step counts), checked against the optimizers first;
+    its hyperparameters stay as built, so a resumed run may change --lr and friends."""
     try:
         states = _load_tensors(folder / "optimizer.pt")
+        check_optimizer_states(states, optimizers)
         for optimizer, optimizer_state in zip(optimizers, states, strict=True):
             hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
             optimizer.load_state_dict(optimizer_state)
@@ -192,6 +370,56 @@ def load_optimizer_state(folder: Path, optimizers: list[torch.optim.Optimizer]) 
         raise UserError(f"checkpoint {folder} has no optimizer.pt: it can be sampled from, not resumed") from None
     except Exception as error:  # a damaged file fails in many ways (zip, pickle, shapes); all mean the same
         raise _damaged(folder, error, "optimizer.pt") from None
+
+
+def check_optimizer_states(states: Any, optimizers: list[torch.optim.Optimizer] | None = None) -> None:
+    """ValueError unless `states` is what save_checkpoint writes to optimizer.pt: a list of optimizer state dicts,
+    {"state": {parameter id: {name: tensor}}, "param_groups": [{"params": [parameter ids], ...}]}, every parameter
+    holding the same names, "step" one number and the rest tensors. Given this run's optimizers, also: one state each,
+    the same groups of the same sizes, every tensor but "step" its parameter's shape, all of them finite."""
+    if not isinstance(states, list) or not all(isinstance(s, dict) for s in states):
+        raise ValueError("expected a list of optimizer states")
+    if optimizers is not None and len(states) != len(optimizers):
+        raise ValueError(f"{len(states)} optimizer states for this run's {len(optimizers)} optimizers")
+    for i, saved in enumerate(states):
+        what = type(optimizers[i]).__name__ if optimizers is not None else f"optimizer {i}"
+        groups, per_parameter = saved.get("param_groups"), saved.get("state")
+        if not isinstance(groups, list) or not isinstance(per_parameter, dict):
+            raise ValueError(f"{what}: no state and param_groups")
+        if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+            raise ValueError(f"{what}: a parameter group without its parameters")
+        ids = [p for g in groups for p in g["params"]]
+        if not all(_is(p, int) for p in ids) or len(set(ids)) != len(ids):
+            raise ValueError(f"{what}: parameter ids that are not distinct integers")
+        params = {}
+        if optimizers is not None:
+            built = optimizers[i].param_groups
+            sizes, ours = [len(g["params"]) for g in groups], [len(g["params"]) for g in built]
+            if sizes != ours:
+                raise ValueError(f"{what}: parameter groups of {sizes} parameters, this run's have {ours}")
+            params = dict(zip(ids, (p for g in built for p in g["params"]), strict=True))
+        known = set(ids)
+        for key, values in per_parameter.items():
+            if key not in known:
+                raise ValueError(f"{what}: state for {key!r}, which is none of its parameters")
+            if not isinstance(values, dict) or not all(isinstance(name, str) for name in values):
+                raise ValueError(f"{what}: the state of parameter {key} is not a dict of named tensors")
+            for name, value in values.items():
+                tensor = value if isinstance(value, torch.Tensor) else None
+                if name == "step":  # (torch's one per-parameter number)
+                    fits = tensor.numel() == 1 if tensor is not None else _is(value, float)
+                else:
+                    fits = tensor is not None and (key not in params or tensor.shape == params[key].shape)
+                if not fits:
+                    got = list(tensor.shape) if tensor is not None else type(value).__name__
+                    shape = "one number" if name == "step" else list(params[key].shape) if key in params else "a tensor"
+                    raise ValueError(f"{what}: {name} of parameter {key} is {got}, not {shape}")
+                if optimizers is None:  # (a look at the structure alone: the mapped tensors stay unread)
+                    continue
+                if not (torch.isfinite(tensor).all() if tensor is not None else np.isfinite(value)):
+                    raise ValueError(f"{what}: {name} of parameter {key} holds NaN or infinite values")
+        if len({frozenset(values) for values in per_parameter.values()}) > 1:
+            raise ValueError(f"{what}: its parameters hold different state entries")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,14 +442,64 @@ def rng_state(device: torch.device) -> dict[str, Any]:
     return state
 
 
-def load_rng_state(folder: Path) -> dict[str, Any]:
-    """rng.pt: the generators of every rank of the job that saved."""
+def load_rng_state(folder: Path, world_size: Any = None) -> dict[str, Any]:
+    """rng.pt: the generators of every rank of the job that saved (check_rng_state; world_size: state.json's)."""
     try:
-        return _load_tensors(folder / "rng.pt")
+        state = _load_tensors(folder / "rng.pt")
+        check_rng_state(state, world_size)
+        return state
     except FileNotFoundError:
         raise UserError(f"checkpoint {folder} has no rng.pt: it can be sampled from, not resumed") from None
     except Exception as error:  # as in load_optimizer_state
         raise _damaged(folder, error, "rng.pt") from None
+
+
+def check_rng_state(state: Any, world_size: Any = None) -> None:
+    """ValueError unless `state` is what rng_state() writes: python, numpy and torch states that a throwaway generator
+    of each kind takes, cuda ones a list of byte tensors, mps one byte tensor; with "ranks", a list of such states,
+    one for each other rank of the job that saved (world_size - 1 of them, when world_size is a count)."""
+    _check_generators(state, "")
+    ranks = state.get("ranks", [])
+    if not isinstance(ranks, list):
+        raise ValueError(f'"ranks" is {type(ranks).__name__}, not a list of generator states')
+    for rank, other in enumerate(ranks, 1):
+        _check_generators(other, f"rank {rank}: ")
+    if _is(world_size, int) and world_size >= 1 and len(ranks) != world_size - 1:
+        raise ValueError(f"the generators of {len(ranks) + 1} ranks, but state.json says world_size {world_size}")
+
+
+def _check_generators(state: Any, rank: str) -> None:
+    if not isinstance(state, dict):
+        raise ValueError(f"{rank}expected a dict of generator states, got {type(state).__name__}")
+    if missing := [key for key in ("python", "numpy", "torch") if key not in state]:
+        raise ValueError(f"{rank}no {', '.join(missing)} generator state")
+    try:
+        version, internal, gauss = state["python"]
+        if not (gauss is None or isinstance(gauss, float)) or not isinstance(internal, (list, tuple)):
+            raise TypeError
+        random.Random().setstate((version, tuple(internal), gauss))  # its own checks, on a throwaway generator
+    except Exception:  # (whatever the library's own check raises)
+        raise ValueError(f"{rank}the python generator state is invalid") from None
+    try:
+        kind, keys, position, has_gauss, cached = state["numpy"]
+        numbers = [_is(position, int), _is(has_gauss, int), _is(cached, float), isinstance(keys, list)]
+        if not all(numbers) or not all(_is(k, int) for k in keys):
+            raise TypeError
+        np.random.RandomState().set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    except Exception:
+        raise ValueError(f"{rank}the numpy generator state is invalid") from None
+    try:
+        torch.Generator().set_state(state["torch"])
+    except Exception:
+        raise ValueError(f"{rank}the torch generator state is invalid") from None
+    byte_tensors = {"cuda": state.get("cuda", []), "mps": [state["mps"]] if "mps" in state else []}
+    for device, tensors in byte_tensors.items():
+        if not isinstance(tensors, list) or not all(_is_bytes(t) for t in tensors):
+            raise ValueError(f"{rank}the {device} generator state is invalid (not byte tensors)")
+
+
+def _is_bytes(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -258,6 +536,32 @@ class Resume:
         load_weights(self.folder, model)
         load_optimizer_state(self.folder, optimizers)
 
+    def newer(self) -> list[Path]:
+        """The run folder's usable checkpoints after the one resumed from (a damaged one is passed over, and the
+        resumed run writes over it when it gets there)."""
+        step = int(self.folder.name[5:]) if self.folder.name[5:].isdigit() else self.state["step"]
+        later = [p for p in step_folders(self.folder.parent) if int(p.name[5:]) > step]
+        return [p for p in later if unusable(p, "resume") is None]
+
+    def drop_newer(self, overwrite: bool) -> None:
+        """Resuming an older step while newer ones exist would interleave two histories in one folder: refuse,
+        or with --overwrite_newer delete the newer ones (and point `latest` back here) before anything is written."""
+        newer = self.newer()
+        if not newer:
+            return
+        names = ", ".join(p.name for p in newer)
+        if not overwrite:
+            raise UserError(
+                f"cannot resume {self.folder}: its run folder has newer checkpoints ({names}); resume from the newest "
+                f"(--resume {self.folder.parent}), or pass --overwrite_newer True to delete them and go on from here"
+            )
+        atomic_write(self.folder.parent / LATEST, self.folder.name + "\n")
+        for folder in newer:
+            gone = folder.parent / f".{folder.name}.deleting.tmp"
+            os.replace(folder, gone)
+            shutil.rmtree(gone, ignore_errors=True)
+        print(f"notice: deleted the newer checkpoints {names} (--overwrite_newer)", flush=True)
+
     def restore_rng(self, rank: int) -> None:
         """This rank's generators as saved (a rank the saving job lacked keeps its fresh seed)."""
         others = self.rng.get("ranks", [])
@@ -266,19 +570,24 @@ class Resume:
 
 
 def saved_config(path: str | Path) -> dict[str, Any]:
-    """The config a checkpoint (or a run folder's latest) was trained with."""
-    return read_checkpoint(resolve_checkpoint(path))[0]
+    """The config of the checkpoint that --resume `path` continues (a run folder's newest usable one, quietly:
+    read_resume says the notice), checked (read_checkpoint)."""
+    return read_checkpoint(resolve_checkpoint(path, usable_for="resume", notice=False))[0]
 
 
 def read_resume(path: str | Path, cfg: Config, world_size: int = 1) -> Resume:
-    """The checkpoint at `path`, checked against this run's config: one line for a flag that must match (the
-    weights' shape, the tokens, the data order depend on it), a notice for those that change training."""
-    folder = resolve_checkpoint(path)
+    """The checkpoint at `path` (a run folder's newest usable one), checked against this run's config: one line for
+    a flag that must match (the weights' shape, the tokens, the data order depend on it), a notice for those that
+    change training and for those its config.json lacks (written before they existed). Every file is checked before
+    use (the loop's keys of state.json by train.LoopState)."""
+    folder = resolve_checkpoint(path, usable_for="resume")
     saved, tokenizer, state = read_checkpoint(folder)
     changes = compare_configs(folder, saved, cfg)
+    unsaved = [name for name, f in FIELDS.items() if name not in saved and f.metadata["on_resume"] == NOTICE]
+    changes += [f"--{name} {getattr(cfg, name)} (not in its config.json)" for name in unsaved]
     if state.get("world_size", 1) != world_size:
         changes.append(f"{world_size} ranks (was {state.get('world_size', 1)})")
-    return Resume(folder, tokenizer, state, load_rng_state(folder), changes)
+    return Resume(folder, tokenizer, state, load_rng_state(folder, state.get("world_size", 1)), changes)
 
 
 def compare_configs(folder: Path, saved: dict[str, Any], cfg: Config) -> list[str]:
@@ -295,8 +604,10 @@ def compare_configs(folder: Path, saved: dict[str, Any], cfg: Config) -> list[st
 def compare_data(
     folder: Path, tokenizer_dict: dict[str, Any], state: dict[str, Any], tokenizer: dict[str, Any], data: dict
 ) -> None:
-    """Refuse a checkpoint whose tokenizer or training tokens differ from this run's (another text, say)."""
-    if tokenizer_dict != tokenizer:
+    """Refuse a checkpoint whose tokenizer or training tokens differ from this run's (another text, say); a
+    state.json "data" that is not a token fingerprint like this run's is damaged (one without it, from before
+    fingerprints, or with LoopState's empty default, is not checked)."""
+    if {key: tokenizer_dict.get(key) for key in tokenizer} != tokenizer:  # (keys this version does not know: ignored)
         if tokenizer_dict.get("name") == tokenizer.get("name") == "char":
             old, new = set(tokenizer_dict.get("chars", "")), set(tokenizer.get("chars", ""))
             detail = f"characters only in the checkpoint: {''.join(sorted(old - new))[:20]!r}, only in this text: "
@@ -308,7 +619,11 @@ def compare_data(
             "resume with the text it was trained on (--data_path)"
         )
     saved = state.get("data")
-    if saved and saved != data:
+    if saved is None or saved == {}:
+        return
+    if not isinstance(saved, dict) or {k: type(v) for k, v in saved.items()} != {k: type(v) for k, v in data.items()}:
+        raise Damaged(folder, f"state.json: data is not a token fingerprint ({', '.join(data)}): {_json_repr(saved)}")
+    if saved != data:
         raise UserError(
             f"cannot resume {folder}: it was trained on other tokens ({saved['train_tokens']} train, sha256 "
             f"{saved['sha256']}) than this run's ({data['train_tokens']}, {data['sha256']}); "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
@@ -100,6 +101,11 @@ class Config:
     resume: str | None = _flag(
         None, "continue a run from a checkpoint: a step_* folder, or a run folder (takes its latest)"
     )
+    overwrite_newer: bool = _flag(
+        False,
+        "with --resume from an older step: delete that run's newer step_* checkpoints instead of refusing",
+        on_resume=FREE,
+    )
     skip_nonfinite: bool = _flag(False, "skip an optimizer step whose loss or gradient is NaN/inf instead of stopping")
     # system
     device: str = _flag("auto", "auto picks cuda, then mps, then cpu", ("auto", "cpu", "cuda", "mps"))
@@ -116,22 +122,28 @@ class Config:
         self.validate()
 
     def validate(self) -> None:
-        for name in (
-            "num_blocks",
-            "num_heads",
-            "embedding_dim",
-            "context_len",
-            "batch_size",
-            "accumulation_steps",
-            "epochs",
-            "muon_ns_steps",
-        ):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("lr", "muon_lr"):
+        """Every flag's range, then the rules between flags; the first problem is one UserError line."""
+        for name, (kind, optional) in KINDS.items():  # every flag by its type: numbers in range, text
             value = getattr(self, name)
-            if not 0 < value <= 1e30:  # (a larger one overflows the optimizers' float32 arithmetic)
-                raise UserError(f"--{name} must be a positive number no larger than 1e30, got {value}")
+            if value is None and optional:
+                continue
+            if kind is float:
+                _check_float(name, value)
+            elif kind is int:
+                _check_int(name, value, optional)
+            elif kind is str and name != "run" and isinstance(value, str) and "\x00" in value:  # (--run: below)
+                raise UserError(f"--{name} {value!r} holds a NUL character, which no file name or text can hold")
+        for name, value in dataclasses.asdict(self).items():
+            choices = FIELDS[name].metadata["choices"]
+            if choices and value not in choices:
+                raise UserError(f"--{name} {value!r} is not one of: {', '.join(choices)}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise UserError(f"unknown --preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
+        if self.run is not None and (problem := run_name_problem(self.run)):
+            raise UserError(
+                f"--run {self.run!r} is not a usable folder name ({problem}); use e.g. --run {usable_run_name(self.run)}"
+            )
+        _check_sizes(self)  # before anything below loops over embedding_dim
         if self.embedding_dim % self.num_heads:
             raise UserError(
                 f"--num_heads {self.num_heads} does not divide --embedding_dim {self.embedding_dim}; "
@@ -141,41 +153,8 @@ class Config:
             raise UserError(
                 "rotary positions need an even head size (embedding_dim / num_heads); use --pos_emb learned"
             )
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise UserError(f"--max_steps must be a positive integer or None, got {self.max_steps}")
-        for name in ("warmup_steps", "eval_every", "num_samples", "sample_tokens"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name} must be zero or more, got {getattr(self, name)}")
-        for name in ("eval_steps", "log_every"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("save_every", "keep_checkpoints"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise UserError(f"--{name} must be a positive integer or None, got {getattr(self, name)}")
-        if self.peak_flops is not None and not self.peak_flops > 0:
-            raise UserError(f"--peak_flops must be a positive number of FLOP/s (e.g. 989e12), got {self.peak_flops}")
-        if self.time_budget_s is not None and not self.time_budget_s > 0:
-            raise UserError(f"--time_budget_s must be a positive number of seconds, got {self.time_budget_s}")
-        for name, low, high in (
-            ("val_frac", 0.0, 0.5),
-            ("min_lr_frac", 0.0, 1.0),
-            ("cooldown_frac", 0.0, 1.0),
-            ("dropout", 0.0, 0.99),
-        ):
-            value = getattr(self, name)
-            if not low <= value <= high:
-                raise UserError(f"--{name} must be between {low} and {high}, got {value}")
         if self.val_frac == 0:
             raise UserError("--val_frac must be above 0: validation needs some held-out tokens")
-        for name in ("weight_decay", "grad_clip", "logit_softcap"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name} must be zero or more, got {getattr(self, name)}")
-        for name, value in dataclasses.asdict(self).items():
-            choices = FIELDS[name].metadata["choices"]
-            if choices and value not in choices:
-                raise UserError(f"--{name} {value!r} is not one of: {', '.join(choices)}")
-        if self.preset is not None and self.preset not in PRESETS:
-            raise UserError(f"unknown --preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
 
     @property
     def head_dim(self) -> int:
@@ -187,10 +166,242 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
         """Rebuild from a saved config, ignoring keys this version no longer knows."""
-        return cls(**{k: v for k, v in values.items() if k in FIELDS})
+        return cls(**_saved_values(values))
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _kind(hint: Any) -> tuple[Any, bool]:
+    """(bool, int, float or str, whether None is allowed) of a field's type hint."""
+    optional = type(None) in getattr(hint, "__args__", ())
+    return (next(a for a in hint.__args__ if a is not type(None)) if optional else hint), optional
+
+
+KINDS = {name: _kind(hint) for name, hint in get_type_hints(Config).items() if name in FIELDS}
+
+# ----------------------------------------------------------------------------------------------------------------
+# The range of every number flag, checked by class (Config.validate walks every float and every int field).
+#
+# Floats: every range has finite bounds and the test is `low <= value <= high`, so NaN (every comparison with NaN
+# is False) and +-infinity are refused with the same line as any other value out of range. No float flag takes
+# infinity: where "unlimited" or "off" makes sense it already has a spelling, and the message names it
+# (--grad_clip 0, --logit_softcap 0, --time_budget_s None, --peak_flops None). Nothing is above 1e30: a larger
+# number is infinite in the float32 arithmetic of the device (max ~3.4e38). A float flag missing from FLOAT_RANGES
+# still gets FINITE.
+#
+# Ints: at least 1 ("a positive integer") or 0 ("zero or more"), and at most INT_CEILING unless a tighter bound
+# with its reason is given: no count in any run comes near a trillion, so a larger one is a typo. The sizes
+# (num_blocks, embedding_dim, context_len, batch_size, eval_steps) are bounded together by _check_sizes below.
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    low: float
+    high: float
+    must_be: str  # "--flag must be <must_be>, got <value>"
+    above_low: bool = False  # low itself is refused too
+
+    def holds(self, value: float) -> bool:
+        return (value > self.low if self.above_low else value >= self.low) and value <= self.high
+
+
+FINITE = FloatRange(-1e30, 1e30, "a finite number between -1e30 and 1e30")
+_POSITIVE = "a positive number no larger than 1e30"  # (a larger lr overflows the optimizers' float32 arithmetic)
+FLOAT_RANGES: dict[str, FloatRange] = {
+    "logit_softcap": FloatRange(0.0, 1e30, "0 (no cap) or a positive number no larger than 1e30"),
+    "dropout": FloatRange(0.0, 0.99, "between 0.0 and 0.99"),
+    "lr": FloatRange(0.0, 1e30, _POSITIVE, above_low=True),
+    "muon_lr": FloatRange(0.0, 1e30, _POSITIVE, above_low=True),
+    "weight_decay": FloatRange(0.0, 1e30, "0 (none) or a positive number no larger than 1e30"),
+    "grad_clip": FloatRange(0.0, 1e30, "0 (no clipping) or a positive number no larger than 1e30"),
+    "min_lr_frac": FloatRange(0.0, 1.0, "between 0.0 and 1.0"),
+    "cooldown_frac": FloatRange(0.0, 1.0, "between 0.0 and 1.0"),
+    "time_budget_s": FloatRange(
+        0.0, 1e9, "a positive number of seconds no larger than 1e9 (None = no time budget)", above_low=True
+    ),
+    "val_frac": FloatRange(0.0, 0.5, "between 0.0 and 0.5"),
+    "peak_flops": FloatRange(
+        0.0,
+        1e30,
+        "a positive number of FLOP/s (e.g. 989e12) no larger than 1e30 (None = the GPU table or a CPU probe)",
+        above_low=True,
+    ),
+}
+
+INT_CEILING = 10**12
+# (lowest value, highest value, why the highest) where they differ from (0, INT_CEILING, "a larger count is a typo")
+INT_RANGES: dict[str, tuple[int, int, str]] = {
+    **{
+        name: (1, INT_CEILING, "a larger count is a typo")
+        for name in (
+            "num_blocks",
+            "num_heads",
+            "embedding_dim",
+            "context_len",
+            "batch_size",
+            "accumulation_steps",
+            "epochs",
+            "max_steps",
+            "eval_steps",
+            "log_every",
+            "save_every",
+            "keep_checkpoints",
+        )
+    },
+    "muon_ns_steps": (1, 100, "Newton-Schulz converges in about 5"),
+    "seed": (0, 2**32 - 1, "numpy takes seeds below 2**32"),
+    "num_samples": (0, 1000, "samples are printed at the end of training"),
+    "sample_tokens": (0, 1_000_000, "samples are printed at the end of training"),
+}
+
+
+def _check_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"--{name} must be a number, got {value!r}")
+    allowed = FLOAT_RANGES.get(name, FINITE)
+    if not allowed.holds(value):
+        raise UserError(f"--{name} must be {allowed.must_be}, got {value}")
+
+
+def _check_int(name: str, value: Any, optional: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"--{name} must be an integer{' or None' if optional else ''}, got {value!r}")
+    low, high, why = INT_RANGES.get(name, (0, INT_CEILING, "a larger count is a typo"))
+    if value < low:
+        must_be = "a positive integer" if low == 1 else "zero or more" if low == 0 else f"at least {low}"
+        raise UserError(f"--{name} must be {must_be}{' or None' if optional else ''}, got {value}")
+    if value > high:
+        raise UserError(f"--{name} must be at most {_count(high)} ({why}), got {value}")
+
+
+def _count(n: int) -> str:
+    """1000000000000 -> "1e12" (a power of ten that long is easier to read that way); else the digits."""
+    return f"1e{len(str(n)) - 1}" if n >= 10**6 and str(n).rstrip("0") == "1" else str(n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sizes that fit no machine ("clearly a typo") are refused before anything is allocated. The estimate, in bytes:
+#   parameters P = 12·L·d² (attention 4·d², MLP 8·d² per block) + (2·V + T if learned positions)·d (embeddings, head)
+#   16·P                  fp32 weights, gradients and two AdamW moments
+#   + 128·B·T·d·L         activations of one micro-batch kept for backward (~32 fp32 values per token, width, block)
+#   + 12·B·T·V            its logits in fp32: the logits, their softmax and their gradient
+# with L blocks, width d, context T, micro-batch B and V the tokenizer's padded vocabulary (VOCAB_ESTIMATE; char
+# is a typical alphabet, the real one is known only once the text is read). Fused attention keeps no T·T scores.
+# Anything over MEMORY_CEILING is refused; GPT-2 XL (48 blocks, 1600 dim, context 1024, batch 16) needs ~0.2 TB.
+# The fixed batches of the periodic evaluation (eval_steps·batch_size·context_len tokens, inputs and targets in
+# int64: 16 bytes a token) are all kept in memory: more than EVAL_TOKENS_CEILING of them (16 GB) is refused too.
+# Both ceilings are fixed numbers, not this machine's memory: a run may still not fit a smaller machine.
+MEMORY_CEILING = 10**12  # 1 TB
+EVAL_TOKENS_CEILING = 10**9
+VOCAB_ESTIMATE = {"gpt2": 50_304, "o200k_base": 200_064, "char": 256}
+SIZE_FLAGS = ("num_blocks", "embedding_dim", "context_len", "batch_size")
+
+
+def estimated_bytes(
+    num_blocks: int, embedding_dim: int, context_len: int, batch_size: int, tokenizer: str = "gpt2", pos_emb="rope"
+) -> int:
+    """The documented estimate above of the memory a training run needs, in bytes."""
+    blocks, d, t, b, v = num_blocks, embedding_dim, context_len, batch_size, VOCAB_ESTIMATE.get(tokenizer, 0)
+    return 16 * estimated_params(blocks, d, t, tokenizer, pos_emb) + 128 * b * t * d * blocks + 12 * b * t * v
+
+
+def estimated_params(
+    num_blocks: int, embedding_dim: int, context_len: int, tokenizer: str = "gpt2", pos_emb="rope"
+) -> int:
+    positions = context_len if pos_emb == "learned" else 0
+    return 12 * num_blocks * embedding_dim**2 + (2 * VOCAB_ESTIMATE.get(tokenizer, 0) + positions) * embedding_dim
+
+
+def _check_sizes(cfg: Config) -> None:
+    sizes = {name: getattr(cfg, name) for name in SIZE_FLAGS}
+
+    def fits(**change: int) -> bool:
+        return estimated_bytes(**{**sizes, **change}, tokenizer=cfg.tokenizer, pos_emb=cfg.pos_emb) <= MEMORY_CEILING
+
+    if not fits():
+        need = estimated_bytes(**sizes, tokenizer=cfg.tokenizer, pos_emb=cfg.pos_emb)
+        params = estimated_params(cfg.num_blocks, cfg.embedding_dim, cfg.context_len, cfg.tokenizer, cfg.pos_emb)
+        asked = " ".join(f"--{name} {value}" for name, value in sizes.items())
+        # the flag to lower: the one furthest above the largest value that fits with the others as given
+        largest = {name: _largest(name, sizes[name], fits, cfg) for name in SIZE_FLAGS}
+        candidates = [name for name in SIZE_FLAGS if largest[name]]
+        if candidates:
+            flag = max(candidates, key=lambda name: sizes[name] / largest[name])
+            fix = f"with the rest as given, --{flag} {largest[flag]} would fit"
+        else:
+            fix = f"lower several of {', '.join(f'--{name}' for name in SIZE_FLAGS)}"
+        raise UserError(
+            f"{asked} need an estimated {_bytes(need)} ({params:.3g} parameters at 16 bytes, plus one "
+            f"micro-batch's activations and logits), over the {_bytes(MEMORY_CEILING)} limit "
+            f"(sizes that fit no machine are refused as typos; see --help); {fix}"
+        )
+    tokens = cfg.eval_steps * cfg.batch_size * cfg.context_len
+    if tokens > EVAL_TOKENS_CEILING:
+        most = EVAL_TOKENS_CEILING // (cfg.batch_size * cfg.context_len)
+        fix = f"use --eval_steps {most} or fewer" if most else "use a smaller --batch_size or --context_len"
+        raise UserError(
+            f"--eval_steps {cfg.eval_steps} x --batch_size {cfg.batch_size} x --context_len {cfg.context_len} = "
+            f"{tokens:.3g} validation tokens per periodic evaluation, all kept in memory ({_bytes(16 * tokens)}), "
+            f"over the limit of {_count(EVAL_TOKENS_CEILING)} ({_bytes(16 * EVAL_TOKENS_CEILING)}); {fix}"
+        )
+
+
+def _largest(name: str, asked: int, fits: Any, cfg: Config) -> int:
+    """The largest value of one size flag up to `asked` that fits with the others as given (0: none does); a width
+    is rounded down to what the heads can split (an even head size for rotary positions)."""
+    low, high = 0, asked
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(**{name: middle}) else (low, middle - 1)
+    if name == "embedding_dim":
+        step = cfg.num_heads * (2 if cfg.pos_emb == "rope" else 1)
+        low -= low % step
+    return low
+
+
+def _bytes(n: float) -> str:
+    unit = next((u for u, size in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6)) if n >= size), None)
+    return f"{n / dict(PB=1e15, TB=1e12, GB=1e9, MB=1e6)[unit]:.3g} {unit}" if unit else f"{n:.0f} bytes"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run names: --run names one folder under runs_dir and one under save_model_dir. records.run_name turns every run
+# of characters other than letters, digits, "_", "." and "-" into "-" (spaces become "-"); what it cannot make
+# safe is refused here.
+RUN_NAME_MAX = 100
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a run's folder name, or None when it can."""
+    if "\x00" in name:
+        return "it holds a NUL character"
+    if "/" in name or "\\" in name:
+        return "it holds a path separator; a run is one folder"
+    if len(name) > RUN_NAME_MAX:
+        return f"it is {len(name)} characters long, more than {RUN_NAME_MAX}"
+    if not name.strip():
+        return "it is empty"
+    if name.strip() in (".", ".."):
+        return "it names the folder itself or its parent"
+    if not re.search(r"\w", name):  # e.g. "...", "-..-": nothing would be left once made safe
+        return "it has no letter, digit or underscore"
+    return None
+
+
+def usable_run_name(name: str) -> str:
+    """A name close to `name` that run_name_problem accepts (and records.run_name leaves as it is)."""
+    return re.sub(r"[^\w.-]+", "-", name).strip("-.")[:RUN_NAME_MAX].strip("-.") or "my-run"
+
+
+def _saved_values(values: dict[str, Any]) -> dict[str, Any]:
+    """A saved config's known keys; a run name from before names were checked is made usable (the run's folder
+    name is in its state.json, not this)."""
+    known = {k: v for k, v in values.items() if k in FIELDS}
+    if isinstance(known.get("run"), str) and run_name_problem(known["run"]):
+        known["run"] = usable_run_name(known["run"])
+    return known
+
 
 # nanoGPT's Shakespeare-char CPU recipe shape (its README): 4x4x128, context 64, batch 12, 2000 steps, no dropout.
 _NANOGPT_CPU: dict[str, Any] = dict(
@@ -292,14 +503,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="train.py",
         description="Train a GPT on Tiny Shakespeare (or any text). Flags take --flag value or --flag=value.",
+        epilog=(
+            "Limits: every number must be finite (none takes inf or nan; 0 or None spells 'off' where there is one). "
+            "Sizes that fit no machine are refused as typos: an estimated memory of 16 bytes per parameter "
+            "(12 x num_blocks x embedding_dim^2 + (2 x vocab + learned positions) x embedding_dim), plus "
+            "128 x batch_size x context_len x embedding_dim x num_blocks bytes of activations and "
+            "12 x batch_size x context_len x vocab bytes of logits, over 1 TB; and a periodic evaluation of more "
+            "than 1e9 tokens (eval_steps x batch_size x context_len, kept in memory at 16 bytes each). --run is one "
+            "folder name: no / or \\, not . or .., at most 100 characters."
+        ),
         allow_abbrev=False,
         argument_default=argparse.SUPPRESS,  # only flags given on the command line reach the namespace
     )
-    hints = get_type_hints(Config)
     for name, f in FIELDS.items():
-        hint = hints[name]
-        optional = type(None) in getattr(hint, "__args__", ())
-        kind = next(a for a in hint.__args__ if a is not type(None)) if optional else hint
+        kind, optional = KINDS[name]
         choices = f.metadata["choices"] or (tuple(PRESETS) if name == "preset" else None)
         default = "None" if f.default is None else f.default
         parser.add_argument(
@@ -328,7 +545,7 @@ def parse_args(argv: list[str] | None = None, base: dict[str, Any] | None = None
         hint = f"; did you mean --{close[0]}?" if close else "; see --help for the list"
         raise UserError(f"unknown flag {flag!r}{hint}")
     explicit = vars(namespace)
-    values = {k: v for k, v in (base or {}).items() if k in FIELDS}
+    values = _saved_values(base or {})
     values.update(PRESETS.get(explicit.get("preset"), {}))
     values.update(explicit)
     return Config(**values)

@@ -12,13 +12,14 @@ import hashlib
 import io
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from config import Config, UserError
-from tokenizer import Tokenizer, build_tokenizer
-from utils import atomic_write
+from tokenizer import CharTokenizer, Tokenizer, build_tokenizer
+from utils import atomic_write, check_regular_file
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA_PATH = "data/tiny_shakespeare.txt"
@@ -63,9 +64,12 @@ def read_text(data_path: str) -> tuple[str, str]:
                 f"--data_path out to download Tiny Shakespeare to {DEFAULT_DATA_PATH}"
             )
         download_tiny_shakespeare(path)
-    if path.is_dir():
-        raise UserError(f"--data_path {data_path} is a folder; give a UTF-8 text file")
-    payload = path.read_bytes()
+    # a folder, a FIFO or a device (/dev/zero) is refused before it is opened: reading one could never end
+    check_regular_file(path, "--data_path", "a UTF-8 text file")
+    try:
+        payload = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"cannot read --data_path {data_path}: {error.strerror or error}") from None
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -80,10 +84,14 @@ def read_text(data_path: str) -> tuple[str, str]:
 
 
 def _tokenize_cached(tokenizer: Tokenizer, text: str, key: str) -> np.ndarray:
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    """The ids of `text`, from data/cache/<key>.npy when that holds them; a damaged cache is rebuilt, with a note."""
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     cache = CACHE_DIR / f"{key}.npy"
-    if cache.exists():
-        return np.load(cache)
+    if cache.exists() or cache.is_symlink():
+        ids, problem = _read_cache(cache, tokenizer, text, dtype)
+        if problem is None:
+            return ids
+        print(f"note: the token cache {cache} {problem}; tokenizing again", flush=True)
     ids = np.array(tokenizer.encode(text), dtype=dtype)
     buffer = io.BytesIO()
     np.save(buffer, ids)
@@ -92,12 +100,56 @@ def _tokenize_cached(tokenizer: Tokenizer, text: str, key: str) -> np.ndarray:
     return ids
 
 
+CACHE_CHECK_TOKENS = 256  # ids at each end of a cached array that are decoded and compared with the text
+
+
+def _read_cache(cache: Path, tokenizer: Tokenizer, text: str, dtype: np.dtype) -> tuple[Any, str | None]:
+    """(ids, None), or (None, what is wrong): not a regular file; not a .npy file of one-dimensional `dtype` ids
+    exactly as long as its header says (a truncated file is shorter); ids outside the vocabulary; a length the text
+    cannot have (one id per character for char, at most one per UTF-8 byte for BPE); ends that do not decode to the
+    text's ends. The header is checked before the data is read, so a damaged one cannot ask for a huge array."""
+    if not cache.is_file():  # a folder, a FIFO, a device or a dangling link: never opened
+        return None, "is not a regular file"
+    try:
+        with open(cache, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read_header:
+                return None, f"has .npy format version {version}, not the 1.0 or 2.0 it is written with"
+            shape, _, found = read_header[version](f)
+            if found != dtype or len(shape) != 1:
+                return None, f"holds {found} ids of shape {shape}, not one-dimensional {dtype} ones"
+            start, size = f.tell(), cache.stat().st_size
+            if size != start + shape[0] * dtype.itemsize:
+                return None, f"holds {size - start} bytes of ids where its header says {shape[0] * dtype.itemsize}"
+            ids = np.fromfile(f, dtype=dtype, count=shape[0])
+    except Exception as error:  # a damaged file fails in many ways (magic, version, header); all mean the same
+        return None, f"is not a readable .npy file ({type(error).__name__})"
+    if len(ids) != shape[0]:
+        return None, "is shorter than its header says"
+    if len(ids) and int(ids.max()) >= tokenizer.vocab_size:
+        return None, f"holds id {int(ids.max())}, outside the vocabulary of {tokenizer.vocab_size}"
+    if isinstance(tokenizer, CharTokenizer):
+        if len(ids) != len(text):
+            return None, f"holds {len(ids)} ids for {len(text)} characters"
+    elif len(ids) > len(text.encode("utf-8")) or (text and not len(ids)):
+        return None, f"holds {len(ids)} ids for {len(text.encode('utf-8'))} bytes of text"
+    # a run of ids decodes to exactly the text it covers; with BPE a character cut at either end shows as U+FFFD
+    n = CACHE_CHECK_TOKENS
+    head = tokenizer.decode(ids[:n].tolist()).rstrip("\ufffd")
+    tail = tokenizer.decode(ids[-n:].tolist()).lstrip("\ufffd") if len(ids) else ""
+    if not (text.startswith(head) and text.endswith(tail)):
+        return None, "does not decode to the text it was made from"
+    return ids, None
+
+
 def load_dataset(cfg: Config) -> tuple[Tokenizer, torch.Tensor, torch.Tensor]:
     """(tokenizer, train ids, val ids): the first 1 - val_frac of the characters train, the rest validate."""
     text, digest = read_text(cfg.data_path)
     tokenizer = build_tokenizer(cfg.tokenizer, text)
     split = int(len(text) * (1 - cfg.val_frac))
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):  # unwritable: the ids are computed each time instead of cached
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
     key = f"{digest[:16]}-{cfg.tokenizer}-{cfg.val_frac}"
     train = torch.from_numpy(_tokenize_cached(tokenizer, text[:split], f"{key}-train").astype(np.int64))
     val = torch.from_numpy(_tokenize_cached(tokenizer, text[split:], f"{key}-val").astype(np.int64))

@@ -21,6 +21,7 @@ import torch
 from config import UserError
 from model import GPT, generate
 from tokenizer import CharTokenizer, Tokenizer
+from utils import check_regular_file
 
 CASES_PATH = Path(__file__).resolve().parent / "inference_cases.json"
 CASES_VERSION = 1
@@ -32,9 +33,32 @@ CHECK_TOKENS = 32  # greedy tokens compared with and without the cache: the unca
 # Prompts, decoding settings, streaming
 
 
+MAX_TEMPERATURE = 1e30  # float32 logits divided by more than 3.4e38 (float32's largest) give NaN probabilities
+GREEDY_BELOW = 1e-6  # a temperature or top_p under this samples greedily (its limit): see Settings
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's largest seed
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to a flag
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)  # (math.isfinite would overflow on a huge int)
+
+
 @dataclass
 class Settings:
-    """How to sample: the flags of sample.py, and the per-case settings of the cases file."""
+    """How to sample: the flags of sample.py, and the per-case settings of the cases file.
+
+    Rules: max_new_tokens a positive integer (no upper bound: generation streams until it is done or stopped);
+    temperature 0 (greedy) or positive up to MAX_TEMPERATURE, where one under GREEDY_BELOW samples greedily (the
+    limit as it goes to 0; dividing float32 logits by it could overflow them to inf and the probabilities to NaN);
+    top_k a positive integer or None (one above the vocabulary keeps every id); top_p in (0, 1] or None, where one
+    under GREEDY_BELOW is greedy too (the nucleus is the likeliest id alone while top_p < 1 / vocabulary size, and
+    below 1e-45 top_p is 0 in float32, which would drop every id); seed an integer from 0 to 2**64 - 1; kv_cache a
+    bool. Anything else is a UserError naming the flag."""
 
     max_new_tokens: int = 300
     temperature: float = 0.8
@@ -44,16 +68,27 @@ class Settings:
     kv_cache: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
             raise UserError(f"--max_new_tokens must be a positive integer, got {self.max_new_tokens}")
-        if not (
-            isinstance(self.temperature, (int, float)) and self.temperature >= 0 and math.isfinite(self.temperature)
-        ):
-            raise UserError(f"--temperature must be zero (greedy) or a positive number, got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k <= 0):
+        if not (_is_number(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE):
+            raise UserError(
+                f"--temperature must be zero (greedy) or a positive number no larger than 1e30, got {self.temperature}"
+            )
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k <= 0):
             raise UserError(f"--top_k must be a positive integer or None, got {self.top_k}")
-        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+        if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
             raise UserError(f"--top_p must be above 0 and at most 1, or None, got {self.top_p}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise UserError(f"--seed must be an integer from 0 to 2**64 - 1, got {self.seed}")
+        if not isinstance(self.kv_cache, bool):
+            raise UserError(f"--kv_cache must be true or false, got {self.kv_cache!r}")
+
+    @property
+    def sampling_temperature(self) -> float:
+        """The temperature generate() gets: 0 (greedy) under GREEDY_BELOW, or with a top_p under it."""
+        if self.temperature < GREEDY_BELOW or (self.top_p is not None and self.top_p < GREEDY_BELOW):
+            return 0.0
+        return float(self.temperature)
 
     def sample(self, model: GPT, prompt_ids: list[int], generator: torch.Generator | None = None) -> Iterator[int]:
         """generate() with these settings; a fresh generator seeded with `seed` unless one is passed in."""
@@ -63,7 +98,7 @@ class Settings:
             model,
             prompt_ids,
             self.max_new_tokens,
-            self.temperature,
+            self.sampling_temperature,
             self.top_k,
             self.top_p,
             self.kv_cache,
@@ -141,6 +176,17 @@ class Case:
     offset: int | None = None  # where the prompt starts in data/tiny_shakespeare.txt (held-out cases only)
     note: str = ""
 
+    def __post_init__(self) -> None:  # a field of the wrong type would fail later, as a traceback mid-run
+        for name, kind in (("name", str), ("kind", str), ("prompt", str), ("note", str)):
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.checks, list) or not all(isinstance(c, str) for c in self.checks):
+            raise TypeError(f"checks must be a list of check names, got {self.checks!r}")
+        if self.continuation is not None and not isinstance(self.continuation, str):
+            raise TypeError(f"continuation must be a string, got {self.continuation!r}")
+        if self.offset is not None and not (_is_int(self.offset) and self.offset >= 0):
+            raise TypeError(f"offset must be a non-negative integer, got {self.offset!r}")
+
 
 @dataclass
 class CaseResult:
@@ -170,17 +216,21 @@ class CaseResult:
 
 def load_cases(path: str | Path = CASES_PATH) -> list[Case]:
     """The cases of a cases file, each with the file's default settings under its own; refuses a bad file in one line."""
+    check_regular_file(path, "--cases_file", "a cases JSON file")  # a FIFO or /dev/zero would be read forever
     try:
         payload = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # RecursionError: JSON nested thousands deep
         raise UserError(f"cannot read the inference cases {path}: {error}") from None
     if not isinstance(payload, dict) or payload.get("version") != CASES_VERSION:
         found = payload.get("version") if isinstance(payload, dict) else None
         raise UserError(f"{path} has cases version {found!r}; this sample.py reads version {CASES_VERSION}")
+    entries, defaults = payload.get("cases", []), payload.get("defaults", {})
+    if not isinstance(entries, list) or not isinstance(defaults, dict):
+        raise UserError(f"{path}: 'cases' must be a list and 'defaults' an object")
     cases = []
-    for i, entry in enumerate(payload.get("cases", [])):
+    for i, entry in enumerate(entries):
         try:
-            settings = Settings(**{**payload.get("defaults", {}), **entry.get("settings", {})})
+            settings = Settings(**{**defaults, **entry.get("settings", {})})
             case = Case(settings=settings, **{k: v for k, v in entry.items() if k != "settings"})
         except (TypeError, AttributeError, UserError) as error:
             raise UserError(f"{path}: case {i} is malformed ({error})") from None

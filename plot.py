@@ -4,7 +4,10 @@ Reads only the run files that train.py writes, runs/<run>/config.json and runs/<
 nothing of the project. The picture has four panels, one line per run named after its folder: train (solid) and
 val (dashed) loss against steps and against training time, the learning rate, and throughput. The table gives
 each run's final and best val loss, tok/s, MFU, training time and parameter count; it is printed with every plot.
-Bad input is one `error: ...` line on stderr and exit status 2.
+Bad input is one `error: ...` line on stderr and exit status 2: a path that is not a run folder, or whose
+metrics.jsonl or config.json is not a regular file (a FIFO or a device could be read forever). Damaged contents,
+which a crash can leave, are skipped with one `warning: ...` line per file instead: lines that are not step records,
+fields of the wrong type, a config.json that is not a JSON object.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import stat
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -37,32 +41,115 @@ class Run:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def load_run(folder: str | Path) -> Run:
-    """A run folder's config and records; a line cut short (a run still writing, or a crash) is skipped."""
-    path = Path(folder)
-    metrics = path / "metrics.jsonl"
-    if not metrics.is_file():
-        raise PlotError(f"{path} has no metrics.jsonl; pass run folders written by train.py, e.g. runs/<run>")
+# The numeric fields of a step record; one of another type (a string, a list, a bool) is dropped from its record.
+NUMBER_FIELDS = ("loss", "val_loss", "lr", "muon_lr", "grad_norm", "step_ms", "tok_per_s", "mfu", "elapsed_s")
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float that converts to a float (json's true is an int to Python; 1e400 written as digits is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
     try:
-        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-        lines = metrics.read_text().splitlines()
-    except (OSError, ValueError) as error:
-        raise PlotError(f"cannot read the run in {path}: {error}") from None
-    records, final = [], None
-    for line in lines:
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
+def _check_file(path: Path, what: str) -> None:
+    """A run file must be a regular file: a FIFO or a device (/dev/zero) could block or never end, a folder fails."""
+    try:
+        mode = path.stat().st_mode  # (symlinks followed)
+    except OSError as error:
+        raise PlotError(f"cannot read {path}: {error.strerror or error}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device or special file"
+        raise PlotError(f"{path} is {'a folder' if stat.S_ISDIR(mode) else kind + ', not a regular file'}; {what}")
+
+
+def _read(path: Path) -> str:
+    """A run file's text; bytes that are not UTF-8 become U+FFFD (a damaged line is then skipped, not fatal)."""
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as error:
+        raise PlotError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def _warn(path: Path, message: str) -> None:
+    print(f"warning: {path}: {message}", file=sys.stderr, flush=True)
+
+
+def load_run(folder: str | Path) -> Run:
+    """A run folder's config and records. The rule: a path of the wrong kind (no folder, no metrics.jsonl, a file
+    that is a folder, a FIFO or a device) is a PlotError; damaged contents, which a crash can leave, are skipped
+    with one warning line per file: lines that are not JSON objects with an integer step, numeric fields holding
+    something else, a config.json that is not a JSON object or has no number in params.total. A line cut short at
+    the end (a run still writing) is skipped silently."""
+    path = Path(folder)
+    if not path.is_dir():
+        reason = "is not a folder" if path.exists() else "does not exist"
+        raise PlotError(f"{path} {reason}; pass run folders written by train.py, e.g. runs/<run>")
+    metrics, config_path = path / "metrics.jsonl", path / "config.json"
+    if not metrics.exists():
+        raise PlotError(f"{path} has no metrics.jsonl; pass run folders written by train.py, e.g. runs/<run>")
+    _check_file(metrics, "pass run folders written by train.py, e.g. runs/<run>")
+    config: dict[str, Any] = {}
+    if config_path.exists():
+        _check_file(config_path, "remove it, or pass run folders written by train.py")
         try:
-            record = json.loads(line)
-        except ValueError:
+            config = json.loads(_read(config_path))
+        except (ValueError, RecursionError):
+            config = None
+        if not isinstance(config, dict):
+            _warn(config_path, "is not a JSON object; the run's parameter count is left out")
+            config = {}
+        params = config.get("params")
+        if params is not None and not (isinstance(params, dict) and _is_number(params.get("total"))):
+            _warn(config_path, "has no number in params.total; the run's parameter count is left out")
+    lines = _read(metrics).split("\n")  # (not splitlines: JSON strings may hold other line breaks)
+    records, final, bad_lines, bad_fields = [], None, [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
             continue
-        if not isinstance(record, dict) or "step" not in record:
+        record = _parse(line)
+        if record is None:
+            if number < len(lines):  # the last line without a newline: still being written, or cut by a crash
+                bad_lines.append(number)
             continue
-        if record.get("final"):
+        bad_fields += _drop_bad_fields(record)
+        if record.get("final") is True:
             final = record
         else:
             records.append(record)
+    if bad_lines:
+        shown = ", ".join(map(str, bad_lines[:5])) + (", ..." if len(bad_lines) > 5 else "")
+        _warn(metrics, f"skipped {len(bad_lines)} line(s) that are not step records (line {shown})")
+    if bad_fields:
+        names = ", ".join(sorted(set(bad_fields)))
+        _warn(metrics, f"ignored {len(bad_fields)} value(s) that are not numbers (fields {names})")
     run = Run(name=path.resolve().name, path=path, config=config, records=records, final=final)
     run.summary = summarize(run)
     return run
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    """A step record: a JSON object whose step is a non-negative integer; None for anything else."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):  # RecursionError: a line of brackets thousands deep
+        return None
+    if not isinstance(record, dict):
+        return None
+    step = record.get("step")
+    return record if isinstance(step, int) and _is_number(step) and step >= 0 else None
+
+
+def _drop_bad_fields(record: dict[str, Any]) -> list[str]:
+    """Drop the numeric fields that hold something else (null stays: mfu is null without a peak); their names."""
+    bad = [key for key in NUMBER_FIELDS if record.get(key) is not None and not _is_number(record[key])]
+    for key in bad:
+        del record[key]
+    return bad
 
 
 def load_runs(folders: list[str | Path]) -> list[Run]:
@@ -74,8 +161,18 @@ def load_runs(folders: list[str | Path]) -> list[Run]:
     return runs
 
 
+def _finite(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
 def _values(records: list[dict[str, Any]], key: str) -> list[float]:
-    return [r[key] for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return [r[key] for r in records if _finite(r.get(key))]
+
+
+def _points(records: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:
+    """The (x, y) pairs of the records that have both as finite numbers (NaN from a diverged step is left out)."""
+    pairs = [(r[x], r[y]) for r in records if _finite(r.get(x)) and _finite(r.get(y))]
+    return [a for a, _ in pairs], [b for _, b in pairs]
 
 
 def summarize(run: Run) -> dict[str, Any]:
@@ -84,6 +181,7 @@ def summarize(run: Run) -> dict[str, Any]:
     val_losses = _values(everything, "val_loss")
     tok_per_s, mfu = _values(run.records, "tok_per_s"), _values(run.records, "mfu")
     elapsed = _values(everything, "elapsed_s")
+    params = run.config.get("params")
     return {
         "steps": everything[-1]["step"] if everything else None,
         "final_val_loss": run.final.get("val_loss") if run.final else None,
@@ -92,7 +190,7 @@ def summarize(run: Run) -> dict[str, Any]:
         "tok_per_s": statistics.median(tok_per_s) if tok_per_s else None,
         "mfu": statistics.median(mfu) if mfu else None,
         "train_seconds": elapsed[-1] if elapsed else None,
-        "params": (run.config.get("params") or {}).get("total"),
+        "params": params.get("total") if isinstance(params, dict) and _finite(params.get("total")) else None,
     }
 
 
@@ -146,19 +244,16 @@ def plot_runs(runs: list[Run], out: str | Path) -> Path:
     loss_steps, loss_time, lr_ax, speed_ax = axes.flat
     for i, run in enumerate(runs):
         color = f"C{i % 10}"  # matplotlib's default cycle, the same colour in every panel
-        train = [r for r in run.records if isinstance(r.get("loss"), (int, float))]
-        val = [r for r in run.records if isinstance(r.get("val_loss"), (int, float))]
+        train = [r for r in run.records if _is_number(r.get("loss"))]  # (a NaN loss: a gap, not a point)
         for ax, x in ((loss_steps, "step"), (loss_time, "elapsed_s")):
-            ax.plot([r[x] for r in train], [r["loss"] for r in train], color=color, lw=1.5)
-            ax.plot([r[x] for r in val], [r["val_loss"] for r in val], color=color, ls="--", marker="o", ms=3)
-            if run.final and run.final.get(x) is not None:  # the whole split: a different estimate, its own marker
-                ax.plot(run.final[x], run.final["val_loss"], color=color, marker="*", ms=12, ls="none")
+            ax.plot(*_points(train, x, "loss"), color=color, lw=1.5)
+            ax.plot(*_points(run.records, x, "val_loss"), color=color, ls="--", marker="o", ms=3)
+            if run.final:  # the whole split: a different estimate, its own marker
+                ax.plot(*_points([run.final], x, "val_loss"), color=color, marker="*", ms=12, ls="none")
         for key, style in (("lr", "-"), ("muon_lr", ":")):
-            points = [r for r in train if isinstance(r.get(key), (int, float)) and r[key] > 0]
-            label = run.name if key == "lr" else None
-            lr_ax.plot([r["step"] for r in points], [r[key] for r in points], color=color, ls=style, label=label)
-        speed = [r for r in train if isinstance(r.get("tok_per_s"), (int, float))]
-        speed_ax.plot([r["step"] for r in speed], [r["tok_per_s"] for r in speed], color=color)
+            steps, lrs = _points([r for r in train if _finite(r.get(key)) and r[key] > 0], "step", key)
+            lr_ax.plot(steps, lrs, color=color, ls=style, label=run.name if key == "lr" else None)
+        speed_ax.plot(*_points(train, "step", "tok_per_s"), color=color)
 
     loss_steps.set(title="loss against steps", xlabel="step", ylabel="loss")
     loss_time.set(title="loss against training time", xlabel="training time (s, evaluation excluded)", ylabel="loss")
@@ -174,9 +269,7 @@ def plot_runs(runs: list[Run], out: str | Path) -> Path:
     ]
     loss_steps.legend(handles=styles, loc="upper right", fontsize="small")
     fig.legend(loc="outside upper center", ncols=min(len(runs), 4), title="runs", fontsize="small")
-    losses = [r["loss"] for run in runs for r in run.records if isinstance(r.get("loss"), (int, float))]
-    losses += [r["val_loss"] for run in runs for r in run.records if isinstance(r.get("val_loss"), (int, float))]
-    finite = sorted(v for v in losses if math.isfinite(v))
+    finite = sorted(v for run in runs for key in ("loss", "val_loss") for v in _values(run.records, key))
     if finite:  # the first steps sit at log(vocab), far above the rest: clip them so the differences show
         top = finite[min(len(finite) - 1, int(0.95 * len(finite)))]
         bottom = finite[0]

@@ -5,7 +5,11 @@ tokens come. With the KV cache (unless --kv_cache False) each new token costs on
 the model's context_len, generation goes on by re-encoding: the window restarts from the last context_len // 2
 tokens, which are encoded afresh into a new cache (model.generate). With --cases it runs the inference cases of
 inference_cases.json instead and prints a table: checks passed, held-out loss, the sample.
-Bad input is one `error: ...` line on stderr and exit status 2; --cases exits 1 when a check fails.
+Bad input is one `error: ...` line on stderr and exit status 2; --cases exits 1 when a check fails. The numeric
+flags follow inference.Settings: --temperature finite, 0 to 1e30 (under 1e-6 it is greedy, its limit), --top_k a
+positive integer, --top_p in (0, 1] (under 1e-6 greedy too), --max_new_tokens and --num_samples positive integers
+(no upper limit: Ctrl-C stops), --seed 0 to 2**64 - 1. --prompt_file and --cases_file must be regular files: a
+FIFO or a device (/dev/zero) is refused unopened.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from config import OneLineParser, UserError, flag_type
 from inference import CASES_PATH, Settings, StreamDecoder, encode_prompt, format_table, load_cases, run_cases
 from model import GPT
 from tokenizer import Tokenizer, tokenizer_from_dict
-from utils import resolve_device
+from utils import check_regular_file, resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,9 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--max_new_tokens",
         type=integer,
         default=default.max_new_tokens,
-        help="tokens per sample (default: %(default)s)",
+        help="tokens per sample, no upper limit: Ctrl-C stops (default: %(default)s)",
     )
-    add("--temperature", type=number, default=default.temperature, help="0 = greedy (default: %(default)s)")
+    add(
+        "--temperature",
+        type=number,
+        default=default.temperature,
+        help="0 = greedy, as is anything under 1e-6; at most 1e30 (default: %(default)s)",
+    )
     add(
         "--top_k",
         type=flag_type(int, True),
@@ -55,10 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--top_p",
         type=flag_type(float, True),
         default=default.top_p,
-        help="the likeliest ids up to this mass (default: %(default)s)",
+        help="the likeliest ids up to this mass, in (0, 1]; under 1e-6 it is greedy (default: %(default)s)",
     )
     add("--num_samples", type=integer, default=1, help="samples, one after another (default: %(default)s)")
-    add("--seed", type=integer, default=default.seed, help="same seed, same samples (default: %(default)s)")
+    add(
+        "--seed",
+        type=integer,
+        default=default.seed,
+        help="0 to 2**64 - 1; same seed, same samples (default: %(default)s)",
+    )
     add("--kv_cache", type=boolean, default=default.kv_cache, help="cache keys and values (default: %(default)s)")
     add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda, then mps, then cpu")
     add("--cases", type=boolean, nargs="?", const=True, default=False, help="run the inference cases instead")
@@ -81,11 +95,28 @@ def load_model(checkpoint: str, device_name: str) -> tuple[GPT, Tokenizer]:
     return model.eval(), tokenizer
 
 
+@torch.no_grad()
+def check_logits(model: GPT, prompt_ids: list[int], checkpoint: str) -> None:
+    """Refuse a model whose logits for the prompt are NaN or infinite: finite weights can still overflow (a diverged
+    run), and then greedy decoding picks garbage ids and sampling fails inside torch.multinomial."""
+    window = torch.tensor([prompt_ids[-model.cfg.context_len :]], device=next(model.parameters()).device)
+    if not torch.isfinite(model(window)[0, -1, : model.vocab_size]).all():
+        raise UserError(
+            f"checkpoint {checkpoint} gives NaN or infinite logits for this prompt (its weights overflow: a diverged "
+            "run?); use an earlier step_* folder"
+        )
+
+
 def read_prompt(args: argparse.Namespace) -> str:
     if args.prompt_file is None:
+        try:
+            args.prompt.encode("utf-8")  # bytes that are not UTF-8 reach argv as lone surrogates, which print fails on
+        except UnicodeEncodeError:
+            raise UserError("--prompt holds bytes that are not UTF-8; pass UTF-8 text") from None
         return args.prompt
     if args.prompt:
         raise UserError("give --prompt or --prompt_file, not both")
+    check_regular_file(args.prompt_file, "--prompt_file", "a UTF-8 text file")  # a FIFO or /dev/zero: never read
     try:
         return Path(args.prompt_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -99,6 +130,7 @@ def sample(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)  # before the model loads, so a bad flag fails fast
     model, tokenizer = load_model(args.checkpoint, args.device)
     prompt_ids = encode_prompt(tokenizer, prompt)
+    check_logits(model, prompt_ids, args.checkpoint)
     if len(prompt_ids) > model.cfg.context_len:
         print(
             f"note: the prompt is {len(prompt_ids)} tokens, more than context_len {model.cfg.context_len}; "

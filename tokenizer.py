@@ -77,5 +77,34 @@ def build_tokenizer(name: str, text: str | None = None) -> Tokenizer:
     return TiktokenTokenizer(name)
 
 
+# The ids of each tiktoken encoding (n_vocab, special tokens included): what a checkpoint's vocab_size must be,
+# known without loading the encoding.
+TIKTOKEN_VOCAB_SIZES = {"gpt2": 50257, "o200k_base": 200019}
+
+
+def check_tokenizer_dict(values: Any, vocab_size: int | None = None) -> None:
+    """Raise UserError (the reason, one line) unless `values` is what a tokenizer's to_dict() writes: a known name,
+    and for char a non-empty string of distinct characters; with vocab_size, also that it has that many ids. Keys
+    this version does not know are ignored."""
+    if not isinstance(values, dict):
+        got = {list: "a list", str: "a string", type(None): "null"}.get(type(values), type(values).__name__)
+        raise UserError(f"expected an object with the tokenizer's name, got {got}")
+    name, names = values.get("name"), ("char", *TIKTOKEN_VOCAB_SIZES)
+    if not isinstance(name, str) or name not in names:
+        raise UserError(f"name {name!r} is not one of: {', '.join(names)}")
+    size = TIKTOKEN_VOCAB_SIZES.get(name)
+    if name == "char":
+        chars = values.get("chars")
+        if not isinstance(chars, str) or not chars:
+            raise UserError(f"the char tokenizer's chars must be a non-empty string, got {chars!r:.40}")
+        if len(set(chars)) != len(chars):
+            raise UserError("the char tokenizer's chars repeat a character (two ids for one character)")
+        size = len(chars)
+    if vocab_size is not None and vocab_size != size:
+        raise UserError(f"the {name} tokenizer has {size} ids, but the model was saved with vocab_size {vocab_size}")
+
+
 def tokenizer_from_dict(values: dict[str, Any]) -> Tokenizer:
+    """The tokenizer a to_dict() wrote (tokenizer.json); UserError with the reason for anything else."""
+    check_tokenizer_dict(values)
     return CharTokenizer(values["chars"]) if values["name"] == "char" else TiktokenTokenizer(values["name"])

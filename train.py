@@ -8,11 +8,15 @@ Under `torchrun --nproc_per_node=N -- train.py ...` it trains data-parallel with
 
 from __future__ import annotations
 
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): leave quietly with 130, as at any other moment
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(128 + signum))
+
 import contextlib
 import math
 import os
-import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +33,7 @@ from distributed import Distributed, init_distributed
 from inference import format_table, run_cases
 from model import GPT, generate
 from optimizer import Muon, build_optimizers, lr_multiplier, set_lr
-from records import RunRecorder, run_name
+from records import RunRecorder, claim_run, lock_run, run_name
 from tokenizer import Tokenizer
 from utils import (
     StopSignals,
@@ -90,18 +94,48 @@ class LoopState:
 
     def load_state_dict(self, state: dict[str, Any], folder: Path) -> None:
         """Continue where a checkpoint left off (this run's data and world size are its own)."""
-        missing = [k for k in self.state_dict() if k not in state and k not in ("data", "world_size", "wandb_id")]
-        if missing:
-            raise UserError(
-                f"checkpoint {folder} lacks the training state to resume ({', '.join(missing)} in state.json); "
-                "it can still be sampled from"
-            )
+        check_loop_state(state, folder)
         for key in ("run", "step", "train_seconds", "eval_seconds", "loss_count"):
             setattr(self, key, state[key])
         self.wandb_id, self.resumed_from = state.get("wandb_id"), folder
         self.best_val_loss = math.inf if state["best_val_loss"] is None else state["best_val_loss"]
         self.batches.load_state_dict(state["batches"])
         self.loss_sum.fill_(state["loss_sum"])
+
+
+def check_loop_state(state: dict[str, Any], folder: Path) -> None:
+    """The loop's keys of a state.json are there and hold what LoopState writes: the right types, in range."""
+    needed = ("run", "step", "train_seconds", "eval_seconds", "best_val_loss", "batches", "loss_sum", "loss_count")
+    if missing := [key for key in needed if key not in state]:
+        raise UserError(
+            f"checkpoint {folder} lacks the training state to resume ({', '.join(missing)} in state.json); "
+            "it can still be sampled from"
+        )
+
+    def number(value: Any, low: float = -math.inf) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value < math.inf
+
+    def count(value: Any, low: int = 0) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    batches = state["batches"]
+    checks = {
+        "run": isinstance(state["run"], str) and state["run"].strip(".") != "" and not {"/", "\\"} & set(state["run"]),
+        "step": count(state["step"]),
+        "train_seconds": number(state["train_seconds"], 0.0),
+        "eval_seconds": number(state["eval_seconds"], 0.0),
+        "best_val_loss": state["best_val_loss"] is None or number(state["best_val_loss"]),
+        "batches": isinstance(batches, dict) and count(batches.get("epoch")) and count(batches.get("position")),
+        "loss_sum": number(state["loss_sum"]),
+        "loss_count": count(state["loss_count"]),
+        "world_size": count(state.get("world_size", 1), 1),
+        "wandb_id": state.get("wandb_id") is None or isinstance(state["wandb_id"], str),
+        "data": state.get("data") is None or isinstance(state["data"], dict),
+    }
+    if bad := [key for key, ok in checks.items() if not ok]:
+        raise UserError(
+            f"checkpoint {folder} is damaged or incomplete (state.json: bad {', '.join(bad)}); use an earlier step_* folder"
+        )
 
 
 def compile_loss(model: torch.nn.Module, compile_it: bool, x: torch.Tensor, y: torch.Tensor, autocast) -> Callable:
@@ -127,21 +161,27 @@ def compile_loss(model: torch.nn.Module, compile_it: bool, x: torch.Tensor, y: t
 
 
 @torch.no_grad()
-def evaluate(model: GPT, batches: Batches, autocast, device: torch.device, ctx: Distributed | None = None) -> float:
+def evaluate(
+    model: GPT, batches: Batches, autocast, device: torch.device, ctx: Distributed | None = None, stop=None
+) -> float:
     """Mean loss per target token over the given batches; under torchrun each rank takes every world_size-th batch
     and the sums are added up. Eager on purpose: eval mode and the final partial batch would each cost a
-    recompilation, and evaluation is a small share of the time. `model` is the plain one, never DDP's wrapper."""
+    recompilation, and evaluation is a small share of the time. `model` is the plain one, never DDP's wrapper.
+    NaN when `stop()` turned true on any rank between two batches (a stop signal)."""
     ctx = ctx or Distributed()
     model.eval()
-    total, count = 0.0, 0
+    total, count, stopped = 0.0, 0, 0
     for x, y in batches[ctx.rank :: ctx.world_size]:
+        if stop is not None and stop():
+            stopped = 1
+            break
         x, y = to_device(x, device), to_device(y, device)
         with autocast():
             total += model(x, y, reduction="sum").item()
         count += int((y != -1).sum())
     model.train()
-    total, count = ctx.all_reduce(total, count)
-    return total / count
+    total, count, stopped = ctx.all_reduce(total, count, stopped)
+    return math.nan if stopped else total / count
 
 
 @dataclass
@@ -242,14 +282,17 @@ class Trainer:
         state.loss_sum.zero_()
         state.loss_count, state.interval_start, state.interval_steps = 0, time.perf_counter(), 0
 
-    def final_evaluation(self, state: LoopState) -> float:
-        """The loss over the whole validation split, recorded as the run's final record."""
+    def final_evaluation(self, state: LoopState, signals: StopSignals) -> float | None:
+        """The loss over the whole validation split, recorded as the run's final record; None if a stop signal came
+        during it."""
         check_finite(state)
         print(f"final evaluation on the whole validation split ({len(self.val_ids)} tokens) ...", flush=True)
         eval_start = time.perf_counter()
         batches = full_val_batches(self.val_ids, self.cfg.batch_size, self.cfg.context_len)
-        val = evaluate(self.model, batches, self.autocast, self.device, self.ctx)
+        val = evaluate(self.model, batches, self.autocast, self.device, self.ctx, lambda: bool(signals.signum))
         state.eval_seconds += time.perf_counter() - eval_start
+        if math.isnan(val):
+            return None
         state.best_val_loss = min(state.best_val_loss, val)
         self.recorder.log(
             {"step": state.step, "val_loss": round(val, 5), "final": True, "elapsed_s": round(state.train_seconds, 3)}
@@ -268,20 +311,14 @@ class Trainer:
         if not self.ctx.is_main:
             return self.save_dir / f"step_{state.step:06d}"
         rng = {**rngs[0], "ranks": rngs[1:]} if self.ctx.active else rngs[0]
-        return save_checkpoint(
-            self.save_dir,
-            state.step,
-            self.model,
-            self.tokenizer.to_dict(),
-            self.optimizers,
-            state.state_dict(),
-            rng,
-            self.cfg.keep_checkpoints,
-        )
+        tokenizer, keep = self.tokenizer.to_dict(), self.cfg.keep_checkpoints
+        written = (self.save_dir, state.step, self.model, tokenizer, self.optimizers, state.state_dict(), rng)
+        return save_checkpoint(*written, keep, protect=state.resumed_from)  # (never the checkpoint resumed from)
 
-    def finish(self, state: LoopState, stopped_by: str | None, final_val: float | None) -> dict[str, Any]:
+    def finish(self, state: LoopState, signals: StopSignals, final_val: float | None) -> dict[str, Any]:
         """Samples and inference cases (unless stopped by a signal), the closing lines, and the run's summary."""
         cfg, step, checkpoint, samples = self.cfg, state.step, state.last_checkpoint, []
+        stopped_by = signal.Signals(signals.signum).name if signals.signum else None
         if stopped_by:
             saved = f"saved {checkpoint}; continue with --resume {self.save_dir}" if checkpoint else "nothing saved"
             print(f"stopped by {stopped_by} after step {step}: {saved}", flush=True)
@@ -289,12 +326,14 @@ class Trainer:
             print(f"--- {cfg.num_samples} samples ---")
             generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
             for i in range(cfg.num_samples):
+                if signals.signum:  # a stop signal between two samples: the rest are skipped
+                    break
                 ids = generate(
                     self.model, [self.tokenizer.start_id], cfg.sample_tokens, 0.8, 200, None, True, generator
                 )
                 samples.append(self.tokenizer.decode(list(ids)))
                 print(f"[sample {i + 1}]\n{samples[-1].strip()}\n", flush=True)
-        run_them = cfg.run_cases and not stopped_by and self.ctx.is_main
+        run_them = cfg.run_cases and not signals.signum and self.ctx.is_main
         cases = run_cases(self.model, self.tokenizer, progress=True) if run_them else []
         if cases:
             print(format_table(cases), flush=True)
@@ -316,7 +355,7 @@ class Trainer:
             "eval_seconds": state.eval_seconds,
             "tok_per_s": tok_per_s,
             "stopped_early": step < self.total_steps and not stopped_by,
-            "stopped_by": stopped_by,
+            "stopped_by": signal.Signals(signals.signum).name if signals.signum else None,
             "run_dir": str(self.recorder.dir),
             "checkpoint": str(checkpoint) if checkpoint else None,
             "samples": samples,
@@ -342,22 +381,23 @@ def train(cfg: Config) -> dict[str, Any]:
     """Run one training job end to end, or continue one with --resume; returns a summary (losses, timings, where
     things went). Stops early on SIGINT/SIGTERM (summary["stopped_by"]) after saving when saving is on. Under
     torchrun this process is one rank of a DDP job; rank 0 alone prints, records and saves."""
-    ctx, device = init_distributed(resolve_device(cfg.device))
     with contextlib.ExitStack() as stack:
+        signals = stack.enter_context(StopSignals())  # from the start: a stop signal is honoured in every phase
+        ctx, device = init_distributed(resolve_device(cfg.device))
         stack.callback(ctx.close)
         if not ctx.is_main:  # one console for the job (errors still reach stderr)
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
-        summary = run(cfg, ctx, device)
+        summary = run(cfg, ctx, device, stack, signals)
         ctx.barrier()  # leave together: no rank tears down its connections while rank 0 still saves
         return summary
 
 
-def run(cfg: Config, ctx: Distributed, device: torch.device) -> dict[str, Any]:
+def run(cfg: Config, ctx: Distributed, device: torch.device, stack: contextlib.ExitStack, signals) -> dict[str, Any]:
     """train() for this process, given its place in the job: the loop."""
-    trainer, state = setup(cfg, ctx, device)
-    stop_signum = 0
-    with trainer.recorder, StopSignals() as signals:
-        for _ in range(state.step, trainer.total_steps):
+    trainer, state = setup(cfg, ctx, device, stack)
+    first_step, (stop_signum,) = state.step, ctx.all_reduce(signals.signum or 0, op="max")  # (one during start-up)
+    with trainer.recorder:
+        for _ in range(state.step, trainer.total_steps if not stop_signum else state.step):
             # --- one optimizer step ---
             step_start = time.perf_counter()
             lr_mult, grad_norm = trainer.step(state)
@@ -383,18 +423,23 @@ def run(cfg: Config, ctx: Distributed, device: torch.device) -> dict[str, Any]:
             if stop_signum:
                 break
 
-        # --- the end: a signal skips the final evaluation (the user asked to stop), never the save ---
-        final_val = None if stop_signum else trainer.final_evaluation(state)
+        # --- the end: a signal skips (or cuts short) the final evaluation, never the save of a new step ---
+        final_val = None if stop_signum else trainer.final_evaluation(state, signals)
         just_saved = state.last_checkpoint and state.last_checkpoint.name == f"step_{state.step:06d}"
-        if cfg.save_model and not (stop_signum and just_saved):
+        if cfg.save_model and not (signals.signum and (just_saved or state.step == first_step)):
             state.last_checkpoint = trainer.save(state)
-    signum = int(stop_signum) or signals.signum  # (one that came after the last step counts for the exit status)
-    return trainer.finish(state, signal.Signals(signum).name if signum else None, final_val)
+    signals.signum = signals.signum or int(stop_signum) or None  # (another rank's signal stops this one too)
+    return trainer.finish(state, signals, final_val)
 
 
-def setup(cfg: Config, ctx: Distributed, device: torch.device) -> tuple[Trainer, LoopState]:
-    """Check the outputs and the checkpoint to resume, then build data, model, optimizers and records; compile."""
+def setup(
+    cfg: Config, ctx: Distributed, device: torch.device, stack: contextlib.ExitStack
+) -> tuple[Trainer, LoopState]:
+    """Check the checkpoint to resume and the outputs, take the run's folders (one writer each), then build data,
+    model, optimizers and records; compile."""
     resume = read_resume(cfg.resume, cfg, ctx.world_size) if cfg.resume else None
+    if resume:
+        check_loop_state(resume.state, resume.folder)
     check_writable(cfg.runs_dir, "--runs_dir")
     if cfg.save_model:
         check_writable(resume.folder.parent if resume else cfg.save_model_dir, "--save_model_dir")
@@ -428,11 +473,10 @@ def setup(cfg: Config, ctx: Distributed, device: torch.device) -> tuple[Trainer,
         "world_size": ctx.world_size,
         "train_tokens": len(train_ids),
     }
-    name = state.run if resume else run_name(cfg.run)
+    name = take_run_folders(cfg, ctx, resume, stack)
     recorder = RunRecorder(cfg, name, info, state.step if resume else None, state.wandb_id, enabled=ctx.is_main)
     state.run, state.wandb_id = recorder.name, recorder.wandb_id
-    # a resumed run saves beside its checkpoint; a new one under the name rank 0 picked
-    save_dir = resume.folder.parent if resume else Path(cfg.save_model_dir) / ctx.broadcast(recorder.name)
+    save_dir = resume.folder.parent if resume else Path(cfg.save_model_dir) / name  # (a resumed run: beside it)
     steps_per_epoch = max(1, batches.batches_per_epoch // cfg.accumulation_steps)
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     peak, peak_source = peak_flops(device, dtype, cfg.peak_flops, ctx.world_size) if ctx.is_main else (None, "")
@@ -464,6 +508,24 @@ def setup(cfg: Config, ctx: Distributed, device: torch.device) -> tuple[Trainer,
         resume.restore_rng(ctx.rank)
     state.interval_start = time.perf_counter()
     return trainer, state
+
+
+def take_run_folders(cfg: Config, ctx: Distributed, resume: Resume | None, stack: contextlib.ExitStack) -> str:
+    """The run's name, with its folders (records, checkpoints) locked for this job until it ends: a resumed run keeps
+    its own (and may not go back past newer checkpoints); a new one takes a name free in both."""
+    name = None
+    if ctx.is_main:  # rank 0 alone writes
+        if resume:
+            name = resume.state["run"]
+            locks = lock_run([Path(cfg.runs_dir) / name, resume.folder.parent])
+        else:
+            parents = [Path(cfg.runs_dir), *([Path(cfg.save_model_dir)] if cfg.save_model else [])]
+            name, locks = claim_run(run_name(cfg.run), parents)
+        for lock in locks:
+            stack.callback(lock.release)
+        if resume:
+            resume.drop_newer(cfg.overwrite_newer)
+    return ctx.broadcast(name)
 
 
 def print_banner(trainer: Trainer, state: LoopState, resume: Resume | None, dtype: str, peak_source: str) -> None:
@@ -509,9 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # before the loop, or a second Ctrl-C
+    except KeyboardInterrupt as error:  # a second stop signal (StopNow), or Ctrl-C before training started
         print("error: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(error, "signum", signal.SIGINT)
     return 128 + signal.Signals[summary["stopped_by"]] if summary["stopped_by"] else 0
 
 

@@ -8,7 +8,10 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
+import socket
+import stat
 import tempfile
 import threading
 import time
@@ -20,6 +23,11 @@ import numpy as np
 import torch
 
 from config import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks
+    fcntl = None
 
 # ----------------------------------------------------------------------------------------------------------------
 # Device, dtype, seeds
@@ -89,8 +97,17 @@ def seed_everything(seed: int) -> None:
 # Stopping on signals, and writing files that survive a crash
 
 
+class StopNow(KeyboardInterrupt):
+    """A second stop signal: leave at once (exit status 128 + signum)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class StopSignals:
-    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step; a second one stops at once."""
+    """Ctrl-C (SIGINT) or SIGTERM asks training to stop at the next safe point (after the current step, between
+    evaluation batches, between samples); a second one stops at once by raising StopNow."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -98,7 +115,7 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise StopNow(signum)
         self.signum = signum  # nothing printed here: the handler may have interrupted a print
 
     def __enter__(self) -> StopSignals:
@@ -110,6 +127,51 @@ class StopSignals:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class FolderLock:
+    """One writer per folder: an advisory lock (fcntl.flock) on a `.<name>.lock` file beside the folder, so the
+    folder's own contents stay as they are. The OS drops the lock when its process dies (kill -9 leaves no stale
+    lock); the file names the holder for the one-line error a second writer gets. No locking where fcntl is missing
+    (Windows)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.path, self.handle = Path(folder), Path(folder).parent / f".{Path(folder).name}.lock", None
+
+    def acquire(self) -> bool:
+        """Take the lock; False (and nothing held) when another process holds it."""
+        if fcntl is None:
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")  # noqa: SIM115 (held until release)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return False
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}\n")
+        handle.flush()
+        self.handle = handle
+        return True
+
+    def holder(self) -> str:
+        """Who holds the lock, as its holder wrote it."""
+        with contextlib.suppress(OSError):
+            return self.path.read_text().strip() or "another process"
+        return "another process"
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing drops the lock; the file stays (removing it would race a new holder)
+            self.handle = None
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def fsync_dir(path: Path) -> None:
@@ -135,6 +197,22 @@ def atomic_write(path: Path, payload: bytes | str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def out_of_space(folder: Path, what: str, needed: int | None = None):
+    """A full disk (or quota) while writing `what` into `folder` becomes one line saying so. Libraries report it in
+    their own ways (safetensors, torch.save), so with `needed` bytes any failure with less than that free counts."""
+    try:
+        yield
+    except Exception as error:
+        full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+        with contextlib.suppress(OSError):
+            full = full or (needed is not None and shutil.disk_usage(folder).free < needed)
+        if not full:
+            raise
+        size = f" (it needs about {needed / 2**20:.1f} MiB)" if needed else ""
+        raise UserError(f"no space left in {folder} for {what}{size}; free some space or write elsewhere") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,3 +337,29 @@ def _device_peak_flops(device: torch.device, dtype: torch.dtype, override: float
     if device.type == "cpu":
         return cpu_peak_flops(dtype, cache), "measured CPU matmul peak"
     return None, f"{device.type} peak unknown (use --peak_flops)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input files
+
+
+def check_regular_file(path: str | Path, flag: str, expected: str = "a regular file") -> Path:
+    """Refuse an input that is not a regular file in one line, before anything opens it: a folder cannot be read,
+    and a FIFO, a socket or a device (/dev/zero, a terminal) could block or never end. Symlinks are followed."""
+    try:
+        mode = Path(path).stat().st_mode
+    except FileNotFoundError:
+        raise UserError(f"cannot read {flag} {path}: no such file; give {expected}") from None
+    except OSError as error:
+        raise UserError(f"cannot read {flag} {path}: {error.strerror or error}; give {expected}") from None
+    if stat.S_ISREG(mode):
+        return Path(path)
+    kinds = (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe), not a regular file"),
+        (stat.S_ISCHR, "a character device, not a regular file"),
+        (stat.S_ISBLK, "a block device, not a regular file"),
+        (stat.S_ISSOCK, "a socket, not a regular file"),
+    )
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    raise UserError(f"cannot read {flag} {path}: it is {kind}; give {expected}")

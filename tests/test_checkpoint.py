@@ -1,4 +1,5 @@
-"""checkpoint.py: atomic save, load to identical logits, the `latest` pointer, wrappers, damaged files."""
+"""checkpoint.py: atomic save, load to identical logits, the `latest` pointer, wrappers, damaged files; every file
+read is checked against what its writer writes, and a run folder passes over a damaged newest checkpoint."""
 
 from __future__ import annotations
 
@@ -7,13 +8,24 @@ import json
 import pytest
 import torch
 from conftest import assert_same_optimizer_state, assert_same_tensors, randomize, tiny_config
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from checkpoint import LATEST, load_checkpoint, load_optimizer_state, resolve_checkpoint, save_checkpoint, unwrap
-from config import UserError
+from checkpoint import (
+    LATEST,
+    check_rng_state,
+    load_checkpoint,
+    load_optimizer_state,
+    load_rng_state,
+    resolve_checkpoint,
+    rng_state,
+    save_checkpoint,
+    unusable,
+    unwrap,
+)
+from config import FIELDS, UserError
 from model import GPT
 from optimizer import build_optimizers
-from tokenizer import CharTokenizer
+from tokenizer import TIKTOKEN_VOCAB_SIZES, CharTokenizer, build_tokenizer, check_tokenizer_dict, tokenizer_from_dict
 
 VOCAB = 65
 TOKENIZER = CharTokenizer.from_text("".join(chr(33 + i) for i in range(VOCAB))).to_dict()
@@ -177,3 +189,143 @@ def test_optimizer_state_loads_with_weights_only(tmp_path):
     original, restored = [o.state_dict() for o in optimizers], [o.state_dict() for o in fresh]
     assert [s["param_groups"] for s in original] == [s["param_groups"] for s in restored]
     assert_same_optimizer_state(original, restored)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Everything read is checked first (tests/test_damaged.py damages a trained run's checkpoint every generated way)
+
+
+def _edit_json(folder, name, change):
+    path = folder / name
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+@pytest.mark.parametrize(
+    "name, change, needle",
+    [
+        ("config.json", lambda c: {}, "config.json: lacks num_blocks, num_heads, embedding_dim, context_len and "),
+        ("config.json", lambda c: None, "config.json: expected an object of flags, got null"),
+        ("config.json", lambda c: [], "config.json: expected an object of flags, got a list"),
+        ("config.json", lambda c: {k: v for k, v in c.items() if k != "seed"}, "config.json: lacks seed"),
+        ("config.json", lambda c: {**c, "num_blocks": True}, "config.json: num_blocks must be an integer, got True"),
+        ("config.json", lambda c: {**c, "qk_norm": 1}, "config.json: qk_norm must be true or false, got 1"),
+        ("config.json", lambda c: {**c, "lr": "0.1"}, 'config.json: lr must be a number, got "0.1"'),
+        ("config.json", lambda c: {**c, "max_steps": []}, "config.json: max_steps must be an integer or null, got []"),
+        ("config.json", lambda c: {**c, "num_heads": 0}, "config.json: --num_heads must be a positive integer, got 0"),
+        ("config.json", lambda c: {**c, "tokenizer": "gpt2"}, "a char tokenizer, but config.json has gpt2"),
+        ("state.json", lambda s: {**s, "step": "x"}, 'state.json: step must be an integer >= 0, got "x"'),
+        ("state.json", lambda s: {**s, "step": -1}, "state.json: step must be an integer >= 0, got -1"),
+        ("state.json", lambda s: {**s, "step": 2}, "state.json: step 2 in the folder of step 1"),
+        ("state.json", lambda s: {**s, "vocab_size": 0}, "state.json: vocab_size must be an integer >= 1, got 0"),
+        ("state.json", lambda s: {"vocab_size": VOCAB}, "state.json: lacks step"),
+        ("tokenizer.json", lambda t: {"name": "char", "chars": 5}, "chars must be a non-empty string, got 5"),
+        ("tokenizer.json", lambda t: {"name": "nope"}, "tokenizer.json: name 'nope' is not one of: char, gpt2, o200k"),
+        ("tokenizer.json", lambda t: {**t, "chars": t["chars"][1:]}, "has 64 ids, but the model was saved with vocab"),
+        ("tokenizer.json", lambda t: {**t, "chars": t["chars"][1] + t["chars"][1:]}, "chars repeat a character"),
+    ],
+)
+def test_json_files_of_another_shape_are_one_line(tmp_path, name, change, needle):
+    folder = save_checkpoint(tmp_path, 1, _model(), TOKENIZER)
+    _edit_json(folder, name, change)
+    with pytest.raises(UserError) as info:
+        load_checkpoint(folder)
+    message = str(info.value)
+    assert needle in message and "\n" not in message, message
+    assert message.startswith(f"checkpoint {folder} is damaged or incomplete (") and "use an earlier" in message
+
+
+def test_flags_that_do_not_shape_the_model_may_be_missing(tmp_path):
+    """A config.json from before a NOTICE or FREE flag existed: the flag takes its default (resuming says so)."""
+    model = _model(dropout=0.1)
+    folder = save_checkpoint(tmp_path, 1, model, TOKENIZER)
+    _edit_json(folder, "config.json", lambda c: {k: v for k, v in c.items() if k not in ("dropout", "max_steps")})
+    loaded, _, _ = load_checkpoint(folder)
+    assert loaded.cfg.dropout == 0.0 and loaded.cfg.max_steps == 1000 and torch.equal(_logits(loaded), _logits(model))
+
+
+def test_keys_this_version_does_not_know_are_ignored(tmp_path):
+    model = _model()
+    folder = save_checkpoint(tmp_path, 1, model, TOKENIZER)
+    for name in ("config.json", "state.json", "tokenizer.json"):
+        _edit_json(folder, name, lambda payload: {**payload, "from_a_newer_version": {"x": [1]}})
+    loaded, _, _ = load_checkpoint(folder)
+    assert loaded.cfg == model.cfg and torch.equal(_logits(loaded), _logits(model))
+
+
+def test_tokenizer_dicts_are_checked_and_the_tiktoken_sizes_are_the_real_ones():
+    with pytest.raises(UserError, match="name 'nope' is not one of"):
+        tokenizer_from_dict({"name": "nope"})
+    with pytest.raises(UserError, match="expected an object"):
+        tokenizer_from_dict(None)
+    assert set(TIKTOKEN_VOCAB_SIZES) | {"char"} == set(FIELDS["tokenizer"].metadata["choices"])
+    for name, size in TIKTOKEN_VOCAB_SIZES.items():
+        assert build_tokenizer(name).vocab_size == size
+        check_tokenizer_dict({"name": name}, size)
+
+
+def test_weights_holding_nan_are_refused(tmp_path):
+    folder = save_checkpoint(tmp_path, 1, _model(), TOKENIZER)
+    weights = load_file(folder / "model.safetensors")
+    weights["lm_head.weight"][0, 0] = float("nan")
+    save_file(weights, folder / "model.safetensors")
+    with pytest.raises(UserError, match=r"\(model.safetensors: lm_head.weight holds NaN or infinite values\)"):
+        load_checkpoint(folder)
+
+
+def test_rng_state_is_checked():
+    state = rng_state(torch.device("cpu"))
+    check_rng_state(state)
+    check_rng_state({**state, "ranks": [state]}, world_size=2)
+    with pytest.raises(ValueError, match="the generators of 2 ranks, but state.json says world_size 3"):
+        check_rng_state({**state, "ranks": [state]}, world_size=3)
+    with pytest.raises(ValueError, match="no python, numpy, torch generator state"):
+        check_rng_state({})
+    with pytest.raises(ValueError, match="rank 1: the numpy generator state is invalid"):
+        check_rng_state({**state, "ranks": [{**state, "numpy": state["numpy"][:2]}]})
+    with pytest.raises(ValueError, match="the torch generator state is invalid"):
+        check_rng_state({**state, "torch": state["torch"].float()})
+
+
+def test_an_empty_rng_file_is_refused(tmp_path):
+    folder = tmp_path / "step_000001"
+    folder.mkdir()
+    torch.save({}, folder / "rng.pt")  # once accepted: the resumed run silently drew other numbers
+    with pytest.raises(UserError) as info:
+        load_rng_state(folder)
+    assert "(rng.pt: no python, numpy, torch generator state)" in str(info.value)
+
+
+def test_optimizer_state_of_other_optimizers_is_one_line(tmp_path):
+    model = _model()
+    folder = save_checkpoint(tmp_path, 1, model, TOKENIZER, _trained_optimizers(model))
+    adamw_only = _model(use_muon=False)
+    with pytest.raises(UserError, match=r"\(optimizer.pt: 2 optimizer states for this run's 1 optimizers\)"):
+        load_optimizer_state(folder, build_optimizers(adamw_only, adamw_only.cfg))
+    wider = _model(embedding_dim=64)
+    with pytest.raises(UserError, match=r"\(optimizer.pt: Muon: momentum_buffer of parameter 0 is \[96, 32\], not"):
+        load_optimizer_state(folder, build_optimizers(wider, wider.cfg))
+    states = torch.load(folder / "optimizer.pt", weights_only=True)
+    states[1]["param_groups"][0]["params"].pop()
+    torch.save(states, folder / "optimizer.pt")
+    with pytest.raises(UserError, match=r"\(optimizer.pt: AdamW: parameter groups of \[\d+, \d+\] parameters, this"):
+        load_optimizer_state(folder, build_optimizers(model, model.cfg))
+
+
+def test_a_run_folder_passes_over_a_damaged_newest_checkpoint(tmp_path, capsys):
+    model = _model()
+    run = tmp_path / "run"
+    older = save_checkpoint(run, 1, model, TOKENIZER)
+    newest = save_checkpoint(run, 2, model, TOKENIZER)
+    (newest / "state.json").write_text('{"step": "x"}')
+    assert resolve_checkpoint(run) == newest  # asked for no check: the newest, as `latest` says
+    assert resolve_checkpoint(run, "sample", notice=False) == older and capsys.readouterr().out == ""
+    assert load_checkpoint(run)[2]["step"] == 1
+    assert capsys.readouterr().out == (
+        f"notice: checkpoint {newest} is damaged or incomplete (state.json: step must be an integer >= 0, got "
+        f'"x"); using {older.name}, the newest usable checkpoint of {run}\n'
+    )
+    with pytest.raises(UserError, match="is damaged or incomplete"):
+        load_checkpoint(newest)  # a step folder given as such is never swapped for another
+    assert unusable(older, "resume") == "no optimizer.pt: it can be sampled from, not resumed"
+    with pytest.raises(UserError, match=f"no earlier step_\\* folder of {run} is usable either"):
+        resolve_checkpoint(run, "resume")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import get_type_hints
 
 import pytest
 
@@ -180,3 +181,195 @@ def test_every_flag_has_a_resume_rule_and_shape_changing_flags_must_match():
         other = {n: p.shape for n, p in GPT(Config(**{**base, name: value}), 65).state_dict().items()}
         assert other != shapes, name  # the variant really changes a shape
         assert FIELDS[name].metadata["on_resume"] == config.MATCH, name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every flag's range, by class (issue 12)
+
+
+def _fields_of(kind) -> list[str]:
+    """The fields whose type hint is `kind` or `kind | None`, read from the dataclass itself."""
+    hints = get_type_hints(Config)
+    return [
+        f.name for f in dataclasses.fields(Config) if kind in (hints[f.name], *getattr(hints[f.name], "__args__", ()))
+    ]
+
+
+FLOAT_FIELDS = _fields_of(float)
+INT_FIELDS = [name for name in _fields_of(int) if name not in _fields_of(bool)]
+
+
+def test_the_field_walk_sees_the_number_flags():
+    assert {"lr", "dropout", "time_budget_s", "peak_flops", "logit_softcap"} <= set(FLOAT_FIELDS)
+    assert {"num_blocks", "max_steps", "seed", "save_every"} <= set(INT_FIELDS)
+    assert not set(FLOAT_FIELDS) & set(INT_FIELDS) and "save_model" not in INT_FIELDS
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "NaN", "Infinity"])
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+def test_every_float_flag_refuses_nan_and_infinity(name, text):
+    """Walks every float field, so a float flag added later is covered too: no flag takes NaN or infinity."""
+    message = _one_line_error([f"--{name}={text}"])  # (the = form: argparse takes "-inf" alone for a flag)
+    assert message.startswith(f"--{name} must be "), message
+    assert message.endswith(f"got {float(text)}"), message
+    with pytest.raises(UserError, match=f"^--{name} must be "):
+        Config(**{name: float(text)})  # the same rule where a Config is built directly (a saved config, a test)
+
+
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+def test_every_float_flag_refuses_numbers_beyond_float32(name):
+    assert _one_line_error([f"--{name}", "1e39"]).startswith(f"--{name} must be ")
+
+
+@pytest.mark.parametrize("name", INT_FIELDS)
+def test_every_int_flag_has_an_upper_bound(name):
+    message = _one_line_error([f"--{name}", str(10**13)])
+    assert message.startswith(f"--{name} must be at most "), message
+    assert message.endswith(f"got {10**13}"), message
+
+
+@pytest.mark.parametrize("name", INT_FIELDS)
+def test_int_flags_hold_integers(name):
+    with pytest.raises(UserError, match=f"^--{name} must be an integer"):
+        Config(**{name: float("nan")})
+
+
+def test_where_off_or_unlimited_exists_the_message_names_its_spelling():
+    assert "(None = no time budget)" in _one_line_error(["--time_budget_s", "inf"])
+    assert "0 (no clipping)" in _one_line_error(["--grad_clip", "inf"])
+    assert "0 (no cap)" in _one_line_error(["--logit_softcap", "inf"])
+    assert "None = the GPU table" in _one_line_error(["--peak_flops", "inf"])
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--seed", "-1"], "--seed must be zero or more, got -1"),
+        (["--seed", str(2**32)], "--seed must be at most 4294967295"),
+        (["--muon_ns_steps", "101"], "--muon_ns_steps must be at most 100"),
+        (["--num_samples", "1001"], "--num_samples must be at most 1000"),
+        (["--sample_tokens", "1000001"], "--sample_tokens must be at most 1e6"),
+        (["--max_steps", str(10**12 + 1)], "--max_steps must be at most 1e12 (a larger count is a typo)"),
+        (["--data_path", "a\x00b"], "--data_path 'a\\x00b' holds a NUL character"),
+    ],
+)
+def test_int_bounds_and_text(argv, needle):
+    assert needle in _one_line_error(argv)
+
+
+def test_the_bounds_themselves_are_accepted():
+    cfg = parse_args(["--seed", "0", "--muon_ns_steps", "100", "--max_steps", str(10**12), "--lr", "1e30"])
+    assert (cfg.seed, cfg.muon_ns_steps, cfg.max_steps, cfg.lr) == (0, 100, 10**12, 1e30)
+    assert parse_args(["--seed", str(2**32 - 1), "--dropout", "0.99", "--time_budget_s", "1e9"]).seed == 2**32 - 1
+
+
+# Sizes that fit no machine
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("embedding_dim", 1_000_000), ("num_blocks", 100_000), ("context_len", 10_000_000), ("batch_size", 10_000_000)],
+)
+def test_sizes_that_fit_no_machine_are_refused_with_what_fits(flag, value):
+    message = _one_line_error([f"--{flag}", str(value)])
+    assert "over the 1 TB limit" in message and f"--{flag} {value}" in message
+    fits = int(message.rsplit(f"--{flag} ", 1)[1].split()[0])  # "... with the rest as given, --flag N would fit"
+    assert message.endswith(f"--{flag} {fits} would fit")
+    assert 0 < fits < value
+    assert getattr(parse_args([f"--{flag}", str(fits)]), flag) == fits  # what it suggests is accepted
+    step = 16 if flag == "embedding_dim" else 1  # (8 heads, an even head size for rotary positions)
+    assert "over the 1 TB limit" in _one_line_error([f"--{flag}", str(fits + step)])  # and is the largest
+
+
+def test_the_memory_estimate_is_the_documented_one():
+    d, blocks, t, b, v = 1600, 48, 1024, 16, config.VOCAB_ESTIMATE["gpt2"]
+    params = 12 * blocks * d * d + 2 * v * d
+    assert config.estimated_params(blocks, d, t) == params
+    assert config.estimated_bytes(blocks, d, t, b) == 16 * params + 128 * b * t * d * blocks + 12 * b * t * v
+    learned = config.estimated_params(blocks, d, t, pos_emb="learned")
+    assert learned == params + t * d
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "o200k_base", "char"])
+def test_big_real_shapes_are_not_refused(tokenizer):
+    gpt2_xl = ["--num_blocks", "48", "--num_heads", "25", "--embedding_dim", "1600", "--batch_size", "16"]
+    cfg = parse_args([*gpt2_xl, "--context_len", "1024", "--tokenizer", tokenizer, "--eval_steps", "200"])
+    assert (cfg.num_blocks, cfg.embedding_dim, cfg.batch_size) == (48, 1600, 16)
+    assert parse_args([*gpt2_xl, "--pos_emb", "learned", "--tokenizer", tokenizer]).pos_emb == "learned"
+    assert parse_args(["--tokenizer", tokenizer]) == Config(tokenizer=tokenizer)  # the GPU defaults
+    for name in PRESETS:
+        parse_args(["--preset", name, "--tokenizer", tokenizer])
+
+
+def test_two_typos_at_once_name_the_size_flags():
+    message = _one_line_error(["--num_blocks", "100000", "--embedding_dim", "100000", "--num_heads", "10"])
+    assert "over the 1 TB limit" in message and "lower several of --num_blocks, --embedding_dim" in message
+
+
+def test_a_huge_width_is_refused_before_looking_for_a_divisor():
+    """_divisor_near loops up to the width: a typo'd width must be refused by its size first."""
+    message = _one_line_error(["--embedding_dim", str(10**12 - 1), "--num_heads", "7"])
+    assert "over the 1 TB limit" in message and "--embedding_dim" in message
+
+
+def test_an_evaluation_budget_of_tens_of_gigabytes_is_refused():
+    message = _one_line_error(["--eval_steps", "1000000"])  # x batch 8 x context 1024: 8.2e9 tokens, 131 GB
+    assert message.startswith("--eval_steps 1000000 x --batch_size 8 x --context_len 1024 = 8.19e+09 validation")
+    most = int(message.rsplit("use --eval_steps ", 1)[1].split()[0])
+    assert most * 8 * 1024 <= config.EVAL_TOKENS_CEILING < (most + 1) * 8 * 1024
+    assert parse_args(["--eval_steps", str(most)]).eval_steps == most
+    assert "--eval_steps" in _one_line_error(["--eval_steps", str(most + 1)])
+
+
+# Run names
+
+
+@pytest.mark.parametrize(
+    "name, suggestion",
+    [
+        (".", "my-run"),
+        ("..", "my-run"),
+        (" .. ", "my-run"),
+        ("...", "my-run"),
+        ("-..-", "my-run"),
+        ("", "my-run"),
+        ("   ", "my-run"),
+        ("a/b", "a-b"),
+        ("../escape", "escape"),
+        ("a\\b", "a-b"),
+        ("a\x00b", "a-b"),
+        ("/abs/path", "abs-path"),
+        ("x" * 101, "x" * 100),
+    ],
+)
+def test_unusable_run_names_are_refused_with_a_fixed_name(name, suggestion):
+    message = _one_line_error([f"--run={name}"])
+    assert message.startswith(f"--run {name!r} is not a usable folder name ("), message
+    assert message.endswith(f"; use e.g. --run {suggestion}"), message
+    assert parse_args(["--run", suggestion]).run == suggestion  # the suggestion itself is usable
+
+
+@pytest.mark.parametrize("name", ["r", "a cool ablation", "v1.0", "lr=3e-4 (muon)", "日本語", "x" * 100, ".hidden"])
+def test_usable_run_names_are_accepted(name):
+    assert parse_args(["--run", name]).run == name
+
+
+def test_a_saved_config_from_before_run_names_were_checked_still_loads():
+    """Checkpoints hold the --run they were asked with (records made 'exp/lr' safe as 'exp-lr')."""
+    saved = {**Config(run="r").to_dict(), "run": "exp/lr"}
+    assert Config.from_dict(saved).run == "exp-lr"
+    assert parse_args([], base=saved).run == "exp-lr"
+    assert parse_args(["--run", "other"], base=saved).run == "other"
+    assert "--run 'exp/lr'" in _one_line_error(["--run", "exp/lr"])  # but not when asked for now
+
+
+# The checkpoints section
+
+
+def test_overwrite_newer_is_declared_after_resume():
+    names = list(FIELDS)
+    assert names[names.index("resume") + 1] == "overwrite_newer"
+    assert FIELDS["overwrite_newer"].metadata["on_resume"] == config.FREE
+    assert Config().overwrite_newer is False
+    assert parse_args(["--overwrite_newer", "True"]).overwrite_newer is True
+    assert "--overwrite_newer" in build_parser().format_help()

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
-from conftest import tiny_config, write_text
+from conftest import REPO, synthetic_text, tiny_config, write_text
 
 import data
 from config import UserError
@@ -219,3 +229,215 @@ def test_token_cache_is_reused(tmp_path):
     second = load_dataset(cfg)
     assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
     assert any(data.CACHE_DIR.glob("*-char-0.2-train.npy"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs that are not regular files: refused in one line, never opened (a FIFO waits for a writer, /dev/zero never
+# ends). A FIFO test runs the call in a thread with a deadline, so a regression fails instead of hanging.
+
+
+def call_with_deadline(fn, fifo: Path, seconds: float = 10.0):
+    """fn() in a thread; if it is still blocked after `seconds` (opening a FIFO waits for a writer), a writer is
+    opened and closed so the thread ends, and the test fails instead of hanging."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = fn()
+        except BaseException as error:  # handed to the test below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # the blocked reader sees end of file
+        thread.join(5)
+        pytest.fail(f"still blocked on the FIFO {fifo} after {seconds}s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+# Run in a child whose heap may grow by at most 1 GiB after its imports: a regression that reads /dev/zero fails
+# with a MemoryError in a moment instead of filling the machine's memory. (Linux: /proc/self/status.)
+LIMIT_HEAP = (
+    "import re, resource; "
+    "heap = int(re.search(r'VmData:\\s+(\\d+)', open('/proc/self/status').read())[1]) * 1024 + 2**30; "
+    "resource.setrlimit(resource.RLIMIT_DATA, (heap, heap)); "
+)
+needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="the heap limit reads /proc")
+
+
+@pytest.fixture
+def special_files(tmp_path):
+    """name -> a path that exists but is not a regular file."""
+    paths = {"folder": tmp_path / "folder", "fifo": tmp_path / "fifo", "link to a fifo": tmp_path / "link"}
+    paths["folder"].mkdir()
+    os.mkfifo(paths["fifo"])
+    paths["link to a fifo"].symlink_to(paths["fifo"])
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        server.bind(str(tmp_path / "sock"))
+        paths["socket"] = tmp_path / "sock"
+    except OSError:  # a path too long for a socket address
+        pass
+    yield paths
+    server.close()
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "link to a fifo", "socket"])
+def test_a_data_path_that_is_not_a_regular_file_is_refused_unopened(special_files, kind):
+    if kind not in special_files:
+        pytest.skip("no socket here")
+    path = special_files[kind]
+    with pytest.raises(UserError) as info:
+        call_with_deadline(lambda: read_text(str(path)), special_files["fifo"])
+    expected = {"folder": "a folder", "socket": "a socket, not a regular file"}.get(
+        kind, "a FIFO (named pipe), not a regular file"
+    )
+    assert str(info.value) == f"cannot read --data_path {path}: it is {expected}; give a UTF-8 text file"
+
+
+@needs_proc
+def test_dev_zero_as_data_path_is_refused_unread(tmp_path):
+    link = tmp_path / "zero.txt"
+    link.symlink_to("/dev/zero")
+    code = LIMIT_HEAP + (
+        "import data\n"
+        f"for path in ('/dev/zero', {str(link)!r}):\n"
+        "    try:\n"
+        "        data.read_text(path)\n"
+        "    except data.UserError as error:\n"
+        "        print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and all(
+        "it is a character device, not a regular file; give a UTF-8 text file" in line for line in lines
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The token cache: a damaged file is rebuilt with a one-line note, never a traceback or silently wrong ids
+
+
+def npy(array: np.ndarray, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, **kwargs)
+    return buffer.getvalue()
+
+
+def huge_shape(ids: np.ndarray, raw: bytes) -> bytes:
+    """The same file with a header that claims 10^14 ids (the header keeps its length: .npy pads it with spaces)."""
+    end = raw.index(b"\n")
+    header = raw[:end].replace(f"({len(ids)},)".encode(), b"(100000000000000,)").rstrip(b" ")
+    return header.ljust(end, b" ") + raw[end:]
+
+
+def npz(ids: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, ids=ids)
+    return buffer.getvalue()
+
+
+DAMAGES = {
+    "empty": lambda ids, raw: b"",
+    "truncated": lambda ids, raw: raw[: len(raw) // 2],
+    "one byte short": lambda ids, raw: raw[:-1],
+    "one byte long": lambda ids, raw: raw + b"\0",
+    "garbage": lambda ids, raw: b"\x93NUMPY garbage \xff\xfe" * 8,
+    "int64 ids": lambda ids, raw: npy(ids.astype(np.int64)),
+    "float ids": lambda ids, raw: npy(ids.astype(np.float32)),
+    "2-D ids": lambda ids, raw: npy(ids.reshape(1, -1)),
+    "pickled objects": lambda ids, raw: npy(ids.astype(object), allow_pickle=True),
+    "an npz archive": lambda ids, raw: npz(ids),
+    "a huge shape in the header": huge_shape,
+    "an id past the vocabulary": lambda ids, raw: npy(
+        np.where(np.arange(len(ids)) == 7, 60_000, ids).astype(ids.dtype)
+    ),
+    "one id short": lambda ids, raw: npy(ids[:-1]),
+    "other ids": lambda ids, raw: npy(np.roll(ids, 1)),
+}
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setattr(data, "CACHE_DIR", folder)
+    return folder
+
+
+def test_huge_shape_damage_keeps_a_readable_header():
+    ids = np.arange(150, dtype=np.uint16)
+    damaged = huge_shape(ids, npy(ids))
+    assert len(damaged) == len(npy(ids)) and b"(100000000000000,)" in damaged
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_token_cache_is_rebuilt_with_a_note(tmp_path, cache_dir, capsys, tokenizer, damage):
+    text = "Roméo, où es-tu? Ô nuit — 夜よ!\n" + synthetic_text(3_000)
+    cfg = tiny_config(data_path=str(write_text(tmp_path / "t.txt", text)), tokenizer=tokenizer, val_frac=0.2)
+    expected = load_dataset(cfg)[1]
+    (cache,) = cache_dir.glob("*-train.npy")
+    raw = cache.read_bytes()
+    ids = np.load(cache)
+    cache.write_bytes(DAMAGES[damage](ids, raw))
+    capsys.readouterr()
+    train = load_dataset(cfg)[1]
+    assert torch.equal(train, expected)
+    notes = capsys.readouterr().out.splitlines()
+    assert len(notes) == 1 and notes[0].startswith(f"note: the token cache {cache} ")
+    assert notes[0].endswith("; tokenizing again")
+    assert np.array_equal(np.load(cache), ids)  # rewritten whole
+    load_dataset(cfg)
+    assert capsys.readouterr().out == ""  # and then reused without a note
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "dangling link", "link to /dev/zero"])
+def test_a_token_cache_that_is_not_a_regular_file_is_never_opened(tmp_path, cache_dir, capsys, kind):
+    cfg = tiny_config(data_path=str(write_text(tmp_path / "t.txt", synthetic_text(3_000))), val_frac=0.2)
+    expected = load_dataset(cfg)[1]
+    (cache,) = cache_dir.glob("*-train.npy")
+    cache.unlink()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    if kind == "folder":
+        cache.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(cache)
+    else:
+        cache.symlink_to(tmp_path / "nowhere" if kind == "dangling link" else "/dev/zero")
+    capsys.readouterr()
+    train = call_with_deadline(lambda: load_dataset(cfg)[1], cache if kind == "fifo" else fifo)
+    assert torch.equal(train, expected)
+    assert "is not a regular file; tokenizing again" in capsys.readouterr().out
+    assert cache.is_dir() if kind == "folder" else cache.is_file()  # a folder stays (and is tokenized around)
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+def test_an_intact_token_cache_is_reused_without_a_note(tmp_path, cache_dir, capsys, tokenizer):
+    """No false alarm from the end checks: with BPE the first and last 256 ids cut characters in two here."""
+    text = ("Roméo, où es-tu? Ô nuit — 夜よ、月よ! " * 150)[:-5]
+    cfg = tiny_config(data_path=str(write_text(tmp_path / "t.txt", text)), tokenizer=tokenizer, val_frac=0.3)
+    first = load_dataset(cfg)
+    if tokenizer == "gpt2":
+        gpt2, n = first[0], data.CACHE_CHECK_TOKENS
+        assert gpt2.decode(first[1][:n].tolist()).endswith("\ufffd")
+        assert gpt2.decode(first[2][-n:].tolist()).startswith("\ufffd")
+    capsys.readouterr()
+    second = load_dataset(cfg)
+    assert capsys.readouterr().out == ""
+    assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2])
+
+
+def test_an_unwritable_cache_folder_tokenizes_every_time(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setattr(data, "CACHE_DIR", blocker / "cache")
+    cfg = tiny_config(data_path=str(write_text(tmp_path / "t.txt", synthetic_text(3_000))), val_frac=0.2)
+    first, second = load_dataset(cfg), load_dataset(cfg)
+    assert torch.equal(first[1], second[1]) and capsys.readouterr().out == ""

@@ -70,6 +70,28 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], tuple[str, ...]]] = [
     ("negative_warmup", lambda t, c: tiny(t, warmup_steps=-1), ("--warmup_steps must be zero or more",)),
     ("zero_accumulation", lambda t, c: tiny(t, accumulation_steps=0), ("--accumulation_steps must be a positive",)),
     ("zero_keep", lambda t, c: tiny(t, keep_checkpoints=0), ("--keep_checkpoints must be a positive integer or None",)),
+    # every flag's range, by class (issue 12): NaN and infinity, int bounds, sizes that fit no machine, run names
+    ("nan_dropout", lambda t, c: tiny(t, dropout="nan"), ("--dropout must be between 0.0 and 0.99, got nan",)),
+    ("nan_grad_clip", lambda t, c: tiny(t, grad_clip="nan"), ("--grad_clip must be 0 (no clipping) or a", "got nan")),
+    (
+        "infinite_time_budget",
+        lambda t, c: tiny(t, time_budget_s="inf"),
+        ("--time_budget_s must be a positive number of seconds", "(None = no time budget), got inf"),
+    ),
+    ("negative_seed", lambda t, c: tiny(t, seed=-1), ("--seed must be zero or more, got -1",)),
+    (
+        "width_fits_no_machine",
+        lambda t, c: tiny(t, embedding_dim=1_000_000),
+        ("--embedding_dim 1000000", "over the 1 TB limit", "with the rest as given, --embedding_dim "),
+    ),
+    (
+        "evaluation_fits_no_machine",
+        lambda t, c: tiny(t, eval_steps=10**8),
+        ("--eval_steps 100000000 x --batch_size 4 x --context_len 16", "use --eval_steps 15625000 or fewer"),
+    ),
+    ("run_parent_folder", lambda t, c: tiny(t, run=".."), ("--run '..' is not a usable folder name", "--run my-run")),
+    ("run_with_a_separator", lambda t, c: tiny(t, run="../x"), ("--run '../x'", "path separator", "--run x")),
+    ("run_too_long", lambda t, c: tiny(t, run="r" * 101), ("is 101 characters long, more than 100",)),
     ("unknown_flag", lambda t, c: [*tiny(t), "--lrr=0.1"], ("unknown flag '--lrr'; did you mean --lr?",)),
     ("not_a_number", lambda t, c: tiny(t, num_blocks="two"), ("--num_blocks: expected an integer, got 'two'",)),
     (
@@ -185,6 +207,14 @@ def test_device_cuda_without_cuda(tmp_path, capsys):
     assert err.startswith("error: --device cuda was asked for but no CUDA GPU is visible") and err.count("\n") == 1
 
 
+def test_a_parent_folder_run_name_writes_nothing(tmp_path):
+    """--run .. would name runs/.. (the runs folder's parent): refused before anything is written."""
+    work = tmp_path / "work"
+    argv = argv_of(run_values(work, write_text(tmp_path / "text.txt", TEXT), SMALL, run="..", save_model=True))
+    assert train.main(argv) == 2
+    assert not work.exists()
+
+
 def test_no_run_folder_is_left_by_a_refused_run(tmp_path):
     assert train.main(tiny(tmp_path, data_path=tmp_path / "nope.txt")) == 2
     assert not (tmp_path / "runs").exists() and not (tmp_path / "models").exists()
@@ -209,6 +239,7 @@ def test_wandb_without_a_key_warns_and_trains(tmp_path, monkeypatch, capsys):
     [
         (["--num_heads", "7"], "error: --num_heads 7 does not divide --embedding_dim 512"),
         (["--data_path", "no/such/file.txt"], "error: data file no/such/file.txt does not exist"),
+        (["--lr", "nan"], "error: --lr must be a positive number no larger than 1e30, got nan"),
     ],
 )
 def test_the_real_command(tmp_path, argv, needle):

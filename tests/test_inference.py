@@ -123,6 +123,39 @@ def test_only_the_refusal_cases_hold_characters_tiny_shakespeare_lacks(text):
         (lambda p: p["cases"][0].update(settings={"top_p": 2}), "--top_p"),
         (lambda p: p["cases"][0].update(colour="red"), "malformed"),
         (lambda p: p.update(cases=[]), "no cases"),
+        # settings of the wrong type or out of range (the rules of sample.py's flags)
+        *[
+            (lambda p, k=key, v=value: p["cases"][0].update(settings={k: v}), f"--{key}")
+            for key, values in {
+                "max_new_tokens": [True, 2.0, "5", 0],
+                "temperature": [True, "hot", None, -1, 1e31, 10**400],
+                "top_k": [2.0, True, 0],
+                "top_p": ["0.5", True, 0, 1.5],
+                "seed": [-1, 2**64, 1.5, "x", None],
+                "kv_cache": ["yes", 1, None],
+            }.items()
+            for value in values
+        ],
+        # case fields of the wrong type, and a file of the wrong shape
+        *[
+            (lambda p, k=key, v=value: p["cases"][0].update({k: v}), "malformed")
+            for key, value in [
+                ("checks", 5),
+                ("checks", "decodes"),
+                ("checks", [1]),
+                ("prompt", 5),
+                ("name", None),
+                ("kind", ["edge"]),
+                ("continuation", 7),
+                ("offset", -1),
+                ("offset", "12"),
+                ("note", {}),
+            ]
+        ],
+        (lambda p: p["cases"].insert(0, 5), "malformed"),
+        (lambda p: p.update(cases=5), "'cases' must be a list"),
+        (lambda p: p.update(cases={"a": {}}), "'cases' must be a list"),
+        (lambda p: p.update(defaults=[1]), "'defaults' an object"),
     ],
 )
 def test_load_cases_refuses_a_bad_file_in_one_line(tmp_path, edit, message):
@@ -135,6 +168,32 @@ def test_load_cases_refuses_a_bad_file_in_one_line(tmp_path, edit, message):
     assert "\n" not in str(error.value)
     with pytest.raises(UserError, match="cannot read"):
         load_cases(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"[" * 100_000, "cannot read the inference cases"),  # deeper than the parser recurses
+        (b"\xff\xfe not utf-8", "cannot read the inference cases"),
+        (b'{"version": 1, "cases": [', "cannot read the inference cases"),
+        (b"[1, 2]", "cases version None"),
+    ],
+)
+def test_load_cases_refuses_a_file_that_is_not_json_in_one_line(tmp_path, content, message):
+    path = tmp_path / "cases.json"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message) as error:
+        load_cases(path)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1e-7, None), (5e-324, None), (1.0, 1e-7), (1.0, 5e-324)])
+def test_a_tiny_temperature_or_top_p_samples_greedily(model, temperature, top_p):
+    """Their limit; as they are, float32 would make the probabilities NaN (1e-308 is 0 in float32)."""
+    settings = inference.Settings(max_new_tokens=30, temperature=temperature, top_k=None, top_p=top_p)
+    greedy = dataclasses.replace(settings, temperature=0.0, top_p=None)
+    assert settings.sampling_temperature == 0.0
+    assert list(settings.sample(model, [1, 2, 3])) == list(greedy.sample(model, [1, 2, 3]))
 
 
 # ----------------------------------------------------------------------------------------------------------------

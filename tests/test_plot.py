@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
+import os
+import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import matplotlib.image
@@ -121,3 +125,183 @@ def test_plot_imports_nothing_of_the_project():
         node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
     }
     assert not imported & project
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Damaged run files. The rule: a path of the wrong kind is one error line; damaged contents (which a crash can
+# leave) are skipped with one warning line per file, and the plot and table are drawn from what is left.
+
+GOOD = [
+    {"step": 10, "loss": 3.0, "lr": 1e-3, "tok_per_s": 100.0, "mfu": None, "elapsed_s": 1.0},
+    {"step": 20, "loss": 2.5, "lr": 1e-3, "tok_per_s": 300.0, "mfu": 0.25, "elapsed_s": 2.0, "val_loss": 2.7},
+    {"step": 30, "loss": 2.2, "lr": 5e-4, "tok_per_s": 200.0, "mfu": 0.5, "elapsed_s": 3.0, "val_loss": 2.4},
+]
+FINAL = {"step": 30, "final": True, "val_loss": 2.35, "elapsed_s": 3.0}
+CONFIG = {"params": {"total": 1234, "embedding": 34, "non_embedding": 1200}}
+
+# lines that are not step records: each is skipped, and counted in one warning
+BAD_LINES = [
+    b"not json at all",
+    b"[1, 2, 3]",
+    b'"a string"',
+    b"null",
+    b"17",
+    b'{"loss": 2.0}',  # no step
+    b'{"step": null, "loss": 1.0}',
+    b'{"step": "7", "loss": 1.0}',
+    b'{"step": true, "loss": 1.0}',
+    b'{"step": -1, "loss": 1.0}',
+    b'{"step": 2.5, "loss": 1.0}',
+    b'{"step": 1e400, "loss": 1.0}',  # json reads it as inf
+    b'{"step": 1' + b"0" * 400 + b', "loss": 1.0}',  # an integer no float holds
+    b"[" * 100_000,  # nested deeper than the parser recurses
+    b'{"step": 5, "lo',  # cut short in the middle of the file
+    b"\xff\xfe\x00 binary garbage",
+]
+# step records with fields of the wrong type: the fields are dropped, the rest of the record kept
+BAD_FIELDS = [
+    {"step": 11, "loss": "x", "elapsed_s": 1.1},
+    {"step": 12, "loss": True, "elapsed_s": 1.2},
+    {"step": 13, "loss": 2.9, "val_loss": [1.0], "elapsed_s": {}},
+    {"step": 14, "loss": 2.8, "lr": "fast", "tok_per_s": "many", "mfu": "high"},
+    {"step": 15, "loss": 2.7, "elapsed_s": "1.5", "tok_per_s": int("9" * 400)},
+]
+NOT_FINITE = [{"step": 16, "loss": float("nan"), "elapsed_s": 1.6}, {"step": 17, "loss": float("inf"), "lr": 1e-3}]
+
+
+def write_run(folder: Path, lines: list[bytes], config: bytes | None = json.dumps(CONFIG).encode()) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
+    if config is not None:
+        (folder / "config.json").write_bytes(config)
+    return folder
+
+
+def encoded(*records: dict) -> list[bytes]:
+    return [json.dumps(r).encode() for r in records]
+
+
+def test_damaged_lines_and_fields_are_skipped_with_one_warning_each(tmp_path, capsys):
+    lines = encoded(GOOD[0]) + BAD_LINES + encoded(*BAD_FIELDS, GOOD[1], *NOT_FINITE, GOOD[2])
+    lines += encoded({**FINAL, "val_loss": 2.35, "tok_per_s": "x"})
+    run = write_run(tmp_path / "damaged", lines)
+    assert plot.main([str(run), "-o", str(tmp_path / "damaged.png")]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [
+        f"warning: {run / 'metrics.jsonl'}: skipped {len(BAD_LINES)} line(s) that are not step records "
+        "(line 2, 3, 4, 5, 6, ...)",
+        f"warning: {run / 'metrics.jsonl'}: ignored 10 value(s) that are not numbers (fields elapsed_s, loss, lr, mfu, "
+        "tok_per_s, val_loss)",
+    ]
+    row = out.splitlines()[2].split()
+    # steps of the last record, final and best val loss, the median tok/s of 100, 300, 200, MFU, time, params
+    assert row == ["damaged", "30", "2.3500", "2.3500", "200", "37.5%", "0m03s", "1.23k"]
+    assert (tmp_path / "damaged.png").read_bytes().startswith(PNG_SIGNATURE)
+    loaded = plot.load_run(run)
+    assert [r["step"] for r in loaded.records] == [10, 11, 12, 13, 14, 15, 20, 16, 17, 30]
+    assert "loss" not in loaded.records[1] and "loss" not in loaded.records[2]  # "x" and true are not losses
+
+
+def test_a_line_cut_short_at_the_end_is_skipped_without_a_warning(tmp_path, capsys):
+    run = write_run(tmp_path / "writing", encoded(*GOOD))
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 40, "lo')
+    assert [r["step"] for r in plot.load_run(run).records] == [10, 20, 30]
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'ss": 2.0}')  # the same line, finished without its newline yet: kept
+    assert [r["step"] for r in plot.load_run(run).records] == [10, 20, 30, 40]
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "config, warning",
+    [
+        (b"[1, 2]", "is not a JSON object"),
+        (b'"a string"', "is not a JSON object"),
+        (b'{"params": {"total": 12', "is not a JSON object"),  # cut short
+        (b"\xff\xfe", "is not a JSON object"),
+        (b'{"params": [1234]}', "has no number in params.total"),
+        (b'{"params": {"total": "1234"}}', "has no number in params.total"),
+        (b'{"params": {"total": true}}', "has no number in params.total"),
+    ],
+)
+def test_a_damaged_config_is_left_out_with_a_warning(tmp_path, capsys, config, warning):
+    run = write_run(tmp_path / "run", encoded(*GOOD, FINAL), config)
+    assert plot.main(["--table", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert err == f"warning: {run / 'config.json'}: {warning}; the run's parameter count is left out\n"
+    assert out.splitlines()[2].split()[-1] == "-"
+
+
+def call_with_deadline(fn, fifo: Path, seconds: float = 10.0):
+    """fn() in a thread; if it is still blocked after `seconds` (opening a FIFO waits for a writer), a writer is
+    opened and closed so the thread ends, and the test fails instead of hanging."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = fn()
+        except BaseException as error:  # handed to the test below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # the blocked reader sees end of file
+        thread.join(5)
+        pytest.fail(f"still blocked on the FIFO {fifo} after {seconds}s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda run: shutil.rmtree(run), "does not exist"),
+        (lambda run: (shutil.rmtree(run), run.write_text("{}")), "is not a folder"),
+        (lambda run: (run / "metrics.jsonl").unlink(), "has no metrics.jsonl"),
+        (
+            lambda run: ((run / "metrics.jsonl").unlink(), os.mkfifo(run / "metrics.jsonl")),
+            "is a FIFO (named pipe), not a regular",
+        ),
+        (lambda run: ((run / "metrics.jsonl").unlink(), (run / "metrics.jsonl").mkdir()), "is a folder; "),
+        (
+            lambda run: ((run / "config.json").unlink(), os.mkfifo(run / "config.json")),
+            "is a FIFO (named pipe), not a regular",
+        ),
+        (lambda run: ((run / "config.json").unlink(), (run / "config.json").mkdir()), "is a folder; "),
+    ],
+)
+def test_a_path_of_the_wrong_kind_is_one_error_line(tmp_path, capsys, setup, message):
+    run = write_run(tmp_path / "run", encoded(*GOOD))
+    setup(run)
+    fifos = [path for path in (run / "metrics.jsonl", run / "config.json") if path.is_fifo()]
+    code = call_with_deadline(lambda: plot.main(["--table", str(run)]), fifos[0] if fifos else tmp_path)
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "")
+    assert err.startswith(f"error: {run}") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="the heap limit reads /proc")
+@pytest.mark.parametrize("name", ["metrics.jsonl", "config.json"])
+def test_dev_zero_as_a_run_file_is_refused_unread(tmp_path, name):
+    """In a child whose heap may grow by at most 1 GiB: a regression that reads /dev/zero fails in a moment."""
+    run = write_run(tmp_path / "run", encoded(*GOOD))
+    (run / name).unlink()
+    (run / name).symlink_to("/dev/zero")
+    code = (
+        "import re, resource, sys, plot; "
+        "heap = int(re.search(r'VmData:\\s+(\\d+)', open('/proc/self/status').read())[1]) * 1024 + 2**30; "
+        "resource.setrlimit(resource.RLIMIT_DATA, (heap, heap)); "
+        f"sys.exit(plot.main(['--table', {str(run)!r}]))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr[-2000:]
+    assert result.stderr == f"error: {run / name} is a device or special file, not a regular file; " + (
+        "pass run folders written by train.py, e.g. runs/<run>\n"
+        if name == "metrics.jsonl"
+        else "remove it, or pass run folders written by train.py\n"
+    )

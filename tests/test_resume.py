@@ -126,7 +126,8 @@ def test_compiled_run_resumes_exactly(tmp_path):
     write_text(tmp_path / "text.txt", synthetic_text(3_000))
     common = dict(torch_compile=True, max_steps=4, save_every=2, eval_every=0, num_blocks=1)
     first = train.train(run_config(tmp_path / "a", tmp_path / "text.txt", RESUME, **common))
-    folder = tmp_path / "a" / "models" / "r" / "step_000002"
+    folder = tmp_path / "b" / "models" / "r" / "step_000002"  # a copy: resuming a's step 2 in place meets its step 4
+    shutil.copytree(tmp_path / "a" / "models" / "r" / "step_000002", folder)
     second = train.train(run_config(tmp_path / "b", tmp_path / "text.txt", RESUME, **common, resume=str(folder)))
     assert second["final_val_loss"] == first["final_val_loss"]
     assert step_losses(tmp_path / "b" / "runs" / "r") == [
@@ -226,7 +227,8 @@ def test_kill_9_while_saving_keeps_the_previous_checkpoint(straight, tmp_path):
 
     summary = train.train(run_config(tmp_path, cfg.data_path, RESUME, resume=str(models), keep_checkpoints=1))
     assert summary["steps"] == N
-    assert sorted(p.name for p in models.iterdir()) == [LATEST, "step_000012"]  # pruned, debris cleared
+    # pruned to the newest 1 and the one it resumed from (never pruned by the run that resumed it), debris cleared
+    assert sorted(p.name for p in models.iterdir()) == [LATEST, "step_000006", "step_000012"]
     assert_same_state(models / "step_000012", reference / "models" / "r" / "step_000012")
 
 

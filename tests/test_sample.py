@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +18,7 @@ import sample
 from checkpoint import save_checkpoint
 from inference import CASES_PATH
 from model import GPT, generate, sample_next
-from tokenizer import CharTokenizer
+from tokenizer import CharTokenizer, build_tokenizer
 
 SEPARATOR = "\n" + "-" * 40 + "\n"
 
@@ -188,6 +192,203 @@ def test_the_real_command_exits_2_without_a_traceback(tmp_path):
     )
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("error: --checkpoint") and result.stderr.count("\n") == 1
+
+
+# The numeric flags: every extreme value is an error line or well-defined (rules in inference.Settings)
+
+BAD_VALUES = {
+    "--temperature": ["nan", "inf", "-inf", "-1", "-1e-308", "1e308", "1e31"],
+    "--top_p": ["nan", "-0.1", "0", "-0", "1.5", "inf", "-inf"],
+    "--top_k": ["0", "-5"],
+    "--max_new_tokens": ["0", "-1"],
+    "--num_samples": ["0", "-1"],
+    "--seed": ["-1", str(2**64), str(10**30)],
+}
+
+
+@pytest.mark.parametrize("flag, value", [(flag, value) for flag, values in BAD_VALUES.items() for value in values])
+def test_an_out_of_range_number_is_one_error_line_naming_its_flag(capsys, run_dir, flag, value):
+    code, out, err = run_cli(capsys, "--checkpoint", run_dir, "--max_new_tokens", 5, f"{flag}={value}")
+    assert (code, out) == (2, "")
+    assert err.startswith(f"error: {flag} must be ") and err.count("\n") == 1 and ", got " in err
+
+
+def greedy_output(capsys, run_dir, *flags):
+    code, out, _ = run_cli(capsys, "--checkpoint", run_dir, "--prompt", "KING:", "--max_new_tokens", 40, *flags)
+    assert code == 0
+    return out
+
+
+@pytest.mark.parametrize("temperature", ["1e-7", "1e-30", "1e-308", "5e-324"])
+def test_a_tiny_temperature_is_greedy_not_nan(capsys, run_dir, temperature):
+    """Its limit: dividing float32 logits by 1e-308 (0 in float32) would give inf, and softmax of inf NaN."""
+    assert greedy_output(capsys, run_dir, "--temperature", temperature) == greedy_output(
+        capsys, run_dir, "--temperature", "0"
+    )
+
+
+@pytest.mark.parametrize(
+    "flags, same_as",
+    [
+        (["--top_p", "5e-324", "--temperature", "1"], ["--temperature", "0"]),  # only the likeliest id (0 in float32)
+        (["--top_p", "1e-7", "--temperature", "1"], ["--temperature", "0"]),
+        (["--top_k", str(10**30), "--seed", "3"], ["--top_k", "None", "--seed", "3"]),  # more than the vocabulary
+        (["--top_p", "1", "--seed", "3"], ["--top_p", "None", "--seed", "3"]),  # the whole mass
+    ],
+)
+def test_extreme_but_valid_settings_equal_their_plain_meaning(capsys, run_dir, flags, same_as):
+    assert greedy_output(capsys, run_dir, *flags) == greedy_output(capsys, run_dir, *same_as)
+
+
+@pytest.mark.parametrize("temperature", ["1e30", "1e6"])
+def test_a_huge_temperature_samples_every_real_id(capsys, run_dir, tokenizer, temperature):
+    code, out, _ = run_cli(
+        capsys, "--checkpoint", run_dir, "--max_new_tokens", 400, "--temperature", temperature, "--top_k", "None"
+    )
+    assert code == 0
+    (text,) = samples_of(out)
+    assert len(text) == 400 and set(text) <= set(tokenizer.chars)  # no padded id, no NaN
+    assert len(set(text)) > 40  # near uniform over the 65 characters
+
+
+def test_a_huge_max_new_tokens_streams_until_ctrl_c(monkeypatch, run_dir):
+    """No upper limit: generation is lazy, so 10^30 tokens start at once and Ctrl-C ends them with status 130."""
+    written = []
+
+    class Interrupting:
+        def write(self, text):
+            written.append(text)
+            if len(written) > 100:
+                raise KeyboardInterrupt
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Interrupting())
+    argv = ["--checkpoint", str(run_dir), "--max_new_tokens", str(10**30), "--num_samples", str(10**30)]
+    assert sample.main(argv) == 130 and len(written) > 100
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs that are not regular files: refused in one line, never opened
+
+
+def call_with_deadline(fn, fifo: Path, seconds: float = 10.0):
+    """fn() in a thread; if it is still blocked after `seconds` (opening a FIFO waits for a writer), a writer is
+    opened and closed so the thread ends, and the test fails instead of hanging."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = fn()
+        except BaseException as error:  # handed to the test below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # the blocked reader sees end of file
+        thread.join(5)
+        pytest.fail(f"still blocked on the FIFO {fifo} after {seconds}s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+@pytest.mark.parametrize("flags", [["--prompt_file"], ["--cases", "--cases_file"]])
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_prompt_or_cases_file_that_is_not_a_regular_file_is_refused(capsys, run_dir, tmp_path, flags, kind):
+    fifo, path = tmp_path / "fifo", tmp_path / kind
+    os.mkfifo(fifo)
+    if kind == "folder":
+        path.mkdir()
+    code = call_with_deadline(lambda: sample.main(["--checkpoint", str(run_dir), *flags, str(path)]), fifo)
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "")
+    what = "a FIFO (named pipe), not a regular file" if kind == "fifo" else "a folder"
+    assert err.startswith(f"error: cannot read {flags[-1]} {path}: it is {what}; give ") and err.count("\n") == 1
+
+
+# A child whose heap may grow by at most 1 GiB after its imports: a regression that reads /dev/zero fails with a
+# MemoryError in a moment instead of filling the machine's memory. (Linux: /proc/self/status.)
+LIMIT_HEAP = (
+    "import re, resource; "
+    "heap = int(re.search(r'VmData:\\s+(\\d+)', open('/proc/self/status').read())[1]) * 1024 + 2**30; "
+    "resource.setrlimit(resource.RLIMIT_DATA, (heap, heap)); "
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="the heap limit reads /proc")
+@pytest.mark.parametrize("flags", [["--prompt_file"], ["--cases", "--cases_file"]])
+def test_dev_zero_as_prompt_or_cases_file_is_refused_unread(run_dir, flags):
+    argv = ["--checkpoint", str(run_dir), *flags, "/dev/zero"]
+    code = f"import sys, sample; {LIMIT_HEAP}sys.exit(sample.main({argv!r}))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr[-2000:]
+    expected = "a UTF-8 text file" if flags == ["--prompt_file"] else "a cases JSON file"
+    assert result.stderr == (
+        f"error: cannot read {flags[-1]} /dev/zero: it is a character device, not a regular file; give {expected}\n"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and prompts that do not fit
+
+
+@pytest.fixture(scope="module")
+def gpt2_run(tmp_path_factory):
+    """A tiny random model over the gpt2 vocabulary (50257 ids), context 16."""
+    model = randomize(GPT(tiny_config(tokenizer="gpt2"), 50257), seed=3)
+    run = tmp_path_factory.mktemp("models") / "gpt2"
+    save_checkpoint(run, 1, model, build_tokenizer("gpt2").to_dict())
+    return run
+
+
+def test_a_prompt_of_bytes_that_are_not_utf8_is_one_error_line(gpt2_run, tmp_path):
+    """Such bytes reach argv as lone surrogates: the BPE encodes them, but printing the prompt would fail."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "sample.py"), "--checkpoint", str(gpt2_run), "--prompt", os.fsdecode(b"ROMEO \xff")]
+        + ["--max_new_tokens", "3"],
+        capture_output=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert (result.returncode, result.stdout) == (2, b"")
+    assert result.stderr == b"error: --prompt holds bytes that are not UTF-8; pass UTF-8 text\n"
+    ok = subprocess.run(
+        [sys.executable, str(REPO / "sample.py"), "--checkpoint", str(gpt2_run), "--prompt", "Roméo 夜"]
+        + ["--max_new_tokens", "3"],
+        capture_output=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert ok.returncode == 0 and ok.stdout.startswith("Roméo 夜".encode()), ok.stderr[-2000:]
+
+
+def test_a_checkpoint_whose_tokenizer_does_not_fit_its_model_is_refused(capsys, run_dir, tmp_path):
+    """Ids the tokenizer cannot decode would be an IndexError mid-stream (checkpoint.py checks tokenizer.json)."""
+    model = randomize(GPT(tiny_config(context_len=32), 65), seed=2)
+    save_checkpoint(tmp_path / "mixed", 3, model, CharTokenizer("abc \n").to_dict())  # 5 ids for a 65-id model
+    code, out, err = run_cli(capsys, "--checkpoint", tmp_path / "mixed", "--prompt", "a", "--max_new_tokens", 50)
+    assert (code, out) == (2, "")
+    assert err.startswith("error: checkpoint ") and "tokenizer.json" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("temperature", ["0", "1"])
+def test_a_model_whose_logits_overflow_is_refused(capsys, tmp_path, temperature):
+    """Finite weights (checkpoint.py accepts them) whose logits overflow to NaN: greedy would print garbage ids and
+    sampling would end in a RuntimeError from torch.multinomial."""
+    model = randomize(GPT(tiny_config(), 10), seed=1, scale=1e15)
+    with torch.no_grad():
+        assert torch.isnan(model(torch.tensor([[0, 1]]))[0, -1, :10]).any()
+    save_checkpoint(tmp_path / "diverged", 1, model, CharTokenizer("abcdefgh \n").to_dict())
+    code, out, err = run_cli(
+        capsys, "--checkpoint", tmp_path / "diverged", "--prompt", "ab", "--temperature", temperature
+    )
+    assert (code, out) == (2, "")
+    assert "gives NaN or infinite logits for this prompt" in err and err.count("\n") == 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
