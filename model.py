@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from config import Config
+from config import Config, UserError
 
 
 def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
@@ -244,11 +244,14 @@ class KVCache:
 def sample_next(
     logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """Pick the next id from logits (B, V): greedy at temperature 0, else softmax after top-k / top-p filtering."""
+    """Pick the next id from logits (B, V): greedy at temperature 0, else softmax after top-k / top-p filtering.
+    Any finite temperature > 0 is well defined: the logits are shifted to a maximum of 0 before the division, so a
+    tiny one tends to greedy and a huge one to uniform over the real ids, never to NaN."""
     logits = logits.float()
     if temperature == 0 or top_k == 1:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    temperature = min(max(temperature, 1e-30), 1e30)  # (past these float32 rounds to 0 or inf; the result is the same)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -256,6 +259,7 @@ def sample_next(
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest prefix reaching top_p
+        drop[..., 0] = False  # and always the likeliest id (a top_p that rounds to 0 in float32 would drop them all)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator)
@@ -294,6 +298,11 @@ def generate(
             fed = len(tokens)
         else:
             logits = model(torch.tensor([tokens[start:]], device=device))[:, -1]
+        if torch.isnan(logits).any():
+            raise UserError(
+                f"the model's logits became NaN after {len(tokens)} tokens (its weights overflow); "
+                "sample from an earlier checkpoint"
+            )
         next_id = int(sample_next(logits, temperature, top_k, top_p, generator))
         tokens.append(next_id)
         yield next_id

@@ -9,10 +9,12 @@ copied into a temporary TIKTOKEN_CACHE_DIR under the names tiktoken gives its do
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -220,3 +222,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def call_with_deadline(fn, fifo: Path, seconds: float = 10.0):
+    """fn() in a thread; if it is still blocked after `seconds` (opening a FIFO waits for a writer), a writer is
+    opened and closed so the thread ends, and the test fails instead of hanging."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = fn()
+        except BaseException as error:  # handed to the test below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # the blocked reader sees end of file
+        thread.join(5)
+        pytest.fail(f"still blocked on the FIFO {fifo} after {seconds}s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, synthetic_text, tiny_config, write_text
+from conftest import REPO, call_with_deadline, synthetic_text, tiny_config, write_text
 
 import data
 from config import UserError
@@ -234,30 +232,6 @@ def test_token_cache_is_reused(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs that are not regular files: refused in one line, never opened (a FIFO waits for a writer, /dev/zero never
 # ends). A FIFO test runs the call in a thread with a deadline, so a regression fails instead of hanging.
-
-
-def call_with_deadline(fn, fifo: Path, seconds: float = 10.0):
-    """fn() in a thread; if it is still blocked after `seconds` (opening a FIFO waits for a writer), a writer is
-    opened and closed so the thread ends, and the test fails instead of hanging."""
-    outcome = {}
-
-    def target():
-        try:
-            outcome["value"] = fn()
-        except BaseException as error:  # handed to the test below
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        with contextlib.suppress(OSError):
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # the blocked reader sees end of file
-        thread.join(5)
-        pytest.fail(f"still blocked on the FIFO {fifo} after {seconds}s")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
 
 
 # Run in a child whose heap may grow by at most 1 GiB after its imports: a regression that reads /dev/zero fails

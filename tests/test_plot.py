@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import ast
-import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import matplotlib.image
 import pytest
-from conftest import REPO, read_records, run_config, synthetic_text, write_text
+from conftest import REPO, call_with_deadline, read_records, run_config, synthetic_text, write_text
 
 import plot
 import train
@@ -231,30 +229,6 @@ def test_a_damaged_config_is_left_out_with_a_warning(tmp_path, capsys, config, w
     out, err = capsys.readouterr()
     assert err == f"warning: {run / 'config.json'}: {warning}; the run's parameter count is left out\n"
     assert out.splitlines()[2].split()[-1] == "-"
-
-
-def call_with_deadline(fn, fifo: Path, seconds: float = 10.0):
-    """fn() in a thread; if it is still blocked after `seconds` (opening a FIFO waits for a writer), a writer is
-    opened and closed so the thread ends, and the test fails instead of hanging."""
-    outcome = {}
-
-    def target():
-        try:
-            outcome["value"] = fn()
-        except BaseException as error:  # handed to the test below
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        with contextlib.suppress(OSError):
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # the blocked reader sees end of file
-        thread.join(5)
-        pytest.fail(f"still blocked on the FIFO {fifo} after {seconds}s")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
 
 
 @pytest.mark.parametrize(

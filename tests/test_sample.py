@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, randomize, tiny_config
+from conftest import REPO, call_with_deadline, randomize, tiny_config
 
 import sample
 from checkpoint import save_checkpoint
+from config import UserError
 from inference import CASES_PATH
 from model import GPT, generate, sample_next
 from tokenizer import CharTokenizer, build_tokenizer
@@ -273,30 +272,6 @@ def test_a_huge_max_new_tokens_streams_until_ctrl_c(monkeypatch, run_dir):
 # Inputs that are not regular files: refused in one line, never opened
 
 
-def call_with_deadline(fn, fifo: Path, seconds: float = 10.0):
-    """fn() in a thread; if it is still blocked after `seconds` (opening a FIFO waits for a writer), a writer is
-    opened and closed so the thread ends, and the test fails instead of hanging."""
-    outcome = {}
-
-    def target():
-        try:
-            outcome["value"] = fn()
-        except BaseException as error:  # handed to the test below
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        with contextlib.suppress(OSError):
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # the blocked reader sees end of file
-        thread.join(5)
-        pytest.fail(f"still blocked on the FIFO {fifo} after {seconds}s")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
-
 @pytest.mark.parametrize("flags", [["--prompt_file"], ["--cases", "--cases_file"]])
 @pytest.mark.parametrize("kind", ["fifo", "folder"])
 def test_a_prompt_or_cases_file_that_is_not_a_regular_file_is_refused(capsys, run_dir, tmp_path, flags, kind):
@@ -480,3 +455,27 @@ def test_generation_outgrows_even_the_smallest_context(context_len):
     model = randomize(GPT(tiny_config(context_len=context_len), 65), seed=7).eval()
     cached = list(generate(model, [1, 2, 3, 4], 12, temperature=0.0, use_cache=True))
     assert len(cached) == 12 and cached == list(generate(model, [1, 2, 3, 4], 12, temperature=0.0, use_cache=False))
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-45, 1e-38, 1e30, 1e300])
+def test_sample_next_is_defined_for_any_finite_positive_temperature(temperature):
+    logits = torch.tensor([[3.0, 1.0, -2.0, float("-inf")]]) * 1e4  # large logits, a padded id at -inf
+    generator = torch.Generator().manual_seed(0)
+    picks = {int(sample_next(logits, temperature, None, None, generator)) for _ in range(50)}
+    if temperature < 1:
+        assert picks == {0}  # tends to greedy
+    else:
+        assert picks <= {0, 1, 2} and len(picks) > 1  # tends to uniform over the real ids, never the padded one
+
+
+def test_a_top_p_that_rounds_to_zero_keeps_the_likeliest_id():
+    logits = torch.tensor([[0.5, 2.0, 1.0]])
+    assert int(sample_next(logits, 1.0, None, 1e-50, torch.Generator().manual_seed(0))) == 1
+
+
+def test_generate_stops_with_one_line_on_nan_logits():
+    model = GPT(tiny_config(), 65)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(UserError, match="logits became NaN after 1 tokens"):
+        list(generate(model, [1], 5))
