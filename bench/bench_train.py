@@ -4,7 +4,7 @@
     uv run bench/bench_train.py --preset nanogpt-cpu --repeats 3 --steps 30 --out bench/results/train.json
 
 Variants are interleaved (A, B, A, B, ...) and medians reported, since machine speed drifts between runs.
-One "step" is train.py's own `Trainer.step`: accumulation_steps batches gathered and forward/backward passes,
+One "step" is the training loop's own `Trainer.step` (trainer.py): accumulation_steps batches gathered and forward/backward passes,
 gradient clipping, the non-finite check and the optimizer update(s).
 """
 
@@ -21,16 +21,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import train  # noqa: E402
 from config import UserError, parse_args  # noqa: E402
 from data import TrainBatches  # noqa: E402
 from model import GPT  # noqa: E402
 from optimizer import Muon, build_optimizers  # noqa: E402
+from trainer import LoopState, Trainer, compile_loss  # noqa: E402
 from utils import autocast_for, peak_flops, resolve_device  # noqa: E402
 
 
 def make_variant(cfg, vocab_size: int, device: torch.device, compiled: bool, dtype: torch.dtype):
-    """train.py's own Trainer over random tokens; returns (trainer, a function taking one step, seconds compiling)."""
+    """The training loop's own Trainer over random tokens; returns (trainer, a function taking one step, seconds
+    compiling)."""
     torch.manual_seed(cfg.seed)
     model = GPT(cfg, vocab_size).to(device)
     optimizers = build_optimizers(model, cfg, compile=compiled)
@@ -39,12 +40,12 @@ def make_variant(cfg, vocab_size: int, device: torch.device, compiled: bool, dty
     batches = TrainBatches(tokens, cfg.batch_size, cfg.context_len, cfg.seed, device)
     autocast = autocast_for(dtype, device)
     started = time.perf_counter()
-    loss = train.compile_loss(model, compiled, *batches.next_batch(), autocast)  # as train.py: compiled before step 1
+    loss = compile_loss(model, compiled, *batches.next_batch(), autocast)  # as train.py: compiled before step 1
     for optimizer in optimizers:
         if isinstance(optimizer, Muon):
             optimizer.warm_up()
-    trainer = train.Trainer(cfg, model, loss, optimizers, batches, total_steps=10**9, autocast=autocast)
-    state = train.LoopState(batches=batches).to(device)
+    trainer = Trainer(cfg, model, loss, optimizers, batches, total_steps=10**9, autocast=autocast)
+    state = LoopState(batches=batches).to(device)
     trainer.step(state)
     sync(device)
     return trainer, lambda: trainer.step(state), time.perf_counter() - started

@@ -10,7 +10,7 @@ file of step_000004 and then
   reads the damaged part (sampled()), else the model;
 - loads the run folder: for a damage that sampling reads, a `notice:` and step_000002 (the fallback), else step 4.
 The cases are generated from the files' own writers: config.json's keys from Config, state.json's from
-train.LoopState, optimizer.pt's from build_optimizers, rng.pt's from rng_state, model.safetensors' from GPT; so a
+trainer.LoopState, optimizer.pt's from build_optimizers, rng.pt's from rng_state, model.safetensors' from GPT; so a
 field added to any of them is damaged here too. The module fixture checks that the samples match the saved files.
 """
 
@@ -29,6 +29,7 @@ from conftest import argv_of, run_values, synthetic_text, write_text
 from safetensors.torch import load_file, save_file
 
 import train
+import trainer
 from checkpoint import LATEST, load_checkpoint, rng_state, step_folders
 from config import FIELDS, FREE, MATCH, NOTICE, Config, UserError
 from data import TrainBatches, token_fingerprint
@@ -52,7 +53,7 @@ NEWEST, EARLIER = "step_000004", "step_000002"
 def _samples() -> dict[str, Any]:
     cfg = Config(**run_values(Path("t"), "text.txt", RUN))
     tokens = torch.arange(200) % VOCAB
-    loop = train.LoopState(
+    loop = trainer.LoopState(
         run="r",
         data=token_fingerprint(tokens, tokens),
         batches=TrainBatches(tokens, 2, 8, 0, torch.device("cpu")),
@@ -280,7 +281,7 @@ CASES = json_cases() + weight_cases() + optimizer_cases() + rng_cases()
 # Damages that are no damage, by design, as for a checkpoint written before these keys were: (file, case) -> what
 # the resumed run's output must say. A config.json without a flag whose resume rule is NOTICE or FREE takes the
 # default (a NOTICE one in the resume notice); a state.json without data, world_size or wandb_id skips the data
-# check, assumes one rank, starts a new wandb run (train.LoopState).
+# check, assumes one rank, starts a new wandb run (trainer.LoopState).
 ACCEPTED = {("state.json", f"{key}-missing"): "" for key in ("data", "world_size", "wandb_id")}
 ACCEPTED |= {
     ("config.json", f"{name}-missing"): f"--{name} {f.default} (not in its config.json)" if rule == NOTICE else ""

@@ -36,6 +36,7 @@ from conftest import (
 from safetensors.torch import load_file, save_file
 
 import train
+import trainer
 from checkpoint import LATEST, load_checkpoint, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state
 from config import Config, parse_args
 from model import GPT
@@ -70,14 +71,14 @@ def straight(tmp_path_factory) -> tuple[Path, dict]:
 
 def send_signal_at_step(monkeypatch, stop_step: int, signum: int) -> None:
     """Deliver a real signal to this process while step `stop_step` runs (the loop asks the schedule first)."""
-    real = train.lr_multiplier
+    real = trainer.lr_multiplier
 
     def schedule(step, *args, **kwargs):
         if step + 1 == stop_step:
             os.kill(os.getpid(), signum)
         return real(step, *args, **kwargs)
 
-    monkeypatch.setattr(train, "lr_multiplier", schedule)
+    monkeypatch.setattr(trainer, "lr_multiplier", schedule)
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -15,6 +15,7 @@ from conftest import REPO, argv_of, read_records, run_config, synthetic_text, wr
 
 import records
 import train
+import trainer
 from checkpoint import LATEST, load_checkpoint
 from utils import FolderLock
 
@@ -151,7 +152,7 @@ def small_disk(tmp_path):
 
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path, small_disk, monkeypatch, capsys):
     mount, fill = small_disk
-    real, saves = train.save_checkpoint, []
+    real, saves = trainer.save_checkpoint, []
 
     def save_then_fill(*args, **kwargs):
         folder = real(*args, **kwargs)
@@ -159,7 +160,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_
         fill()  # the next checkpoint will not fit
         return folder
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_fill)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_fill)
     cfg = small_run(tmp_path, save_model_dir=str(mount / "models"))
     assert train.main(argv_of(cfg)) == 2
     err = capsys.readouterr().err
@@ -218,7 +219,7 @@ def test_a_signal_during_start_up_stops_before_training(tmp_path, monkeypatch, c
 
 
 def test_a_signal_during_the_final_evaluation_cuts_it_short_and_saves(tmp_path, monkeypatch, capsys):
-    signal_when_called(monkeypatch, train, "full_val_batches", signal.SIGTERM)
+    signal_when_called(monkeypatch, trainer, "full_val_batches", signal.SIGTERM)
     assert train.main(argv_of(small_run(tmp_path, save_every=None))) == 143
     captured = capsys.readouterr()
     models = tmp_path / "models" / "r"
@@ -228,7 +229,7 @@ def test_a_signal_during_the_final_evaluation_cuts_it_short_and_saves(tmp_path, 
 
 
 def test_a_signal_during_the_samples_skips_the_rest(tmp_path, monkeypatch, capsys):
-    signal_when_called(monkeypatch, train, "generate", signal.SIGINT)
+    signal_when_called(monkeypatch, trainer, "generate", signal.SIGINT)
     summary = train.train(small_run(tmp_path, num_samples=3, sample_tokens=5))
     assert summary["stopped_by"] == "SIGINT" and len(summary["samples"]) == 1
     assert summary["final_val_loss"] is not None and summary["checkpoint"].endswith("step_000008")
@@ -236,15 +237,15 @@ def test_a_signal_during_the_samples_skips_the_rest(tmp_path, monkeypatch, capsy
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_second_signal_exits_at_once_with_its_status_and_the_checkpoint_intact(tmp_path, monkeypatch, capsys, signum):
-    signal_when_called(monkeypatch, train, "lr_multiplier", signum)  # the first step: a stop is on its way ...
-    real_save = train.Trainer.save
+    signal_when_called(monkeypatch, trainer, "lr_multiplier", signum)  # the first step: a stop is on its way ...
+    real_save = trainer.Trainer.save
 
     def save_then_signal_again(self, state):  # ... and the second signal comes right after the stop's save
         folder = real_save(self, state)
         os.kill(os.getpid(), signum)
         return folder
 
-    monkeypatch.setattr(train.Trainer, "save", save_then_signal_again)
+    monkeypatch.setattr(trainer.Trainer, "save", save_then_signal_again)
     assert train.main(argv_of(small_run(tmp_path))) == 128 + signum
     err = capsys.readouterr().err
     assert err == "error: interrupted\n"

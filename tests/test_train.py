@@ -12,6 +12,7 @@ import torch
 from conftest import argv_of, read_records, run_config, synthetic_text, write_text
 
 import train
+import trainer
 from checkpoint import LATEST, load_checkpoint
 from data import TrainBatches, full_val_batches, load_dataset
 from model import generate
@@ -105,7 +106,7 @@ def test_checkpoint_reloads_to_the_trained_model(synthetic_run):
     assert model.cfg == cfg
     # the final evaluation, redone with the reloaded weights, gives the same number
     _, _, val_ids = load_dataset(cfg)
-    val = train.evaluate(
+    val = trainer.evaluate(
         model, full_val_batches(val_ids, cfg.batch_size, cfg.context_len), contextlib.nullcontext, torch.device("cpu")
     )
     assert val == pytest.approx(summary["final_val_loss"], rel=1e-6)
@@ -129,14 +130,14 @@ def test_state_json_is_the_loop_state_and_loads_back(synthetic_run):
     saved = json.loads((folder / "state.json").read_text())
     _, train_ids, _ = load_dataset(cfg)
     batches = TrainBatches(train_ids, cfg.batch_size, cfg.context_len, cfg.seed, torch.device("cpu"))
-    state = train.LoopState(batches=batches)
+    state = trainer.LoopState(batches=batches)
     assert set(saved) == set(state.state_dict()) | {"vocab_size"}
     state.load_state_dict(saved, folder)
     assert state.step == 30 and state.resumed_from == folder
     assert state.state_dict() == {k: v for k, v in saved.items() if k != "vocab_size"} | {"data": {}, "world_size": 1}
     del saved["loss_sum"]
-    with pytest.raises(train.UserError, match="lacks the training state to resume \\(loss_sum in state.json\\)"):
-        train.LoopState(batches=batches).load_state_dict(saved, folder)
+    with pytest.raises(trainer.UserError, match="lacks the training state to resume \\(loss_sum in state.json\\)"):
+        trainer.LoopState(batches=batches).load_state_dict(saved, folder)
 
 
 def test_time_budget_stops_early(tmp_path):
