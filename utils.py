@@ -187,6 +187,9 @@ def atomic_write(path: Path, payload: bytes | str) -> None:
     """Write to a temp file in the same folder, fsync, rename: readers see the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the permissions of a file made with open(), not mkstemp's private 0600
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload.encode() if isinstance(payload, str) else payload)

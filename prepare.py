@@ -1,0 +1,515 @@
+"""Corpus -> token shards: `uv run prepare.py INPUT... --out DIR --tokenizer gpt2|o200k_base|char`.
+
+INPUT is files or folders (recursive, sorted): .txt (one document per file), .jsonl / .jsonl.gz (one document per
+line, its --text_field) and .parquet (the --text_field column, read a row group at a time). Documents are read in
+order in this process and tokenized on every core in chunks whose results come back in order, so the shards are
+the same for any --workers. Each document is preceded by the separator (tiktoken's <|endoftext|>, or U+0003 for
+char) and goes whole to train or val by a hash of its text. Shards are llm.c's .bin files (data.write_shard), each
+written whole; manifest.json is written last, so a folder without one is an unfinished run that a rerun redoes.
+See docs/data.md, "Preparing a corpus".
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import signal
+import sys
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from config import OneLineParser, UserError
+from data import SHARD_DTYPES, SHARD_HEADER_BYTES, shard_version, write_shard
+from tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer
+from utils import FolderLock, atomic_write, check_writable, human
+
+FORMAT_VERSION = 1  # of manifest.json and the folder's layout
+KINDS = (".jsonl.gz", ".jsonl", ".txt", ".parquet")  # longest suffix first: a.jsonl.gz is jsonl.gz, not gz
+CHAR_SEPARATOR = "\x03"  # U+0003 END OF TEXT: the char tokenizer's document separator, one extra id
+VAL_RULE = "blake2b (8-byte digest) of the document's UTF-8 text, read as a little-endian integer, < val_frac * 2**64"
+CHUNK_DOCS, CHUNK_BYTES = 1024, 4 << 20  # one task for a worker: big enough to amortize pickling, small to balance
+OUR_FILES = re.compile(
+    r"^(manifest\.json|(train|val)_\d{6}\.bin)$|^\.(manifest\.json|(train|val)_\d{6}\.bin)\..*\.tmp$"
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs: which files, and their documents
+
+
+def kind_of(path: Path) -> str | None:
+    return next((kind for kind in KINDS if path.name.endswith(kind)), None)
+
+
+def find_sources(inputs: list[str], out: Path) -> tuple[list[Path], int]:
+    """(the files to read, in order; how many files in the folders were skipped as unsupported). An --out inside an
+    input folder, and its lock file, are not part of the corpus."""
+    out = out.resolve()
+    ours = (out, out.parent / f".{out.name}.lock")
+    if not inputs:
+        raise UserError("give at least one input: a .txt, .jsonl, .jsonl.gz or .parquet file, or a folder of them")
+    sources, skipped = [], 0
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not _within(p.resolve(), ours))
+            found = [p for p in files if kind_of(p)]
+            if not found:
+                raise UserError(f"folder {name} holds no {', '.join(sorted(KINDS))} files; give a folder of documents")
+            sources += found
+            skipped += len(files) - len(found)
+        elif not path.exists():
+            raise UserError(f"input {name} does not exist; give files or folders of documents")
+        elif not path.is_file():
+            raise UserError(f"input {name} is not a regular file or a folder")
+        elif kind_of(path) is None:
+            raise UserError(f"input {name} is not a {', '.join(KINDS)} file; convert it or leave it out")
+        else:
+            sources.append(path)
+    unique = list(dict.fromkeys(p.resolve() for p in sources))  # a file named twice is read once
+    return unique, skipped
+
+
+def _within(path: Path, folders: tuple[Path, ...]) -> bool:
+    return any(path == f or f in path.parents for f in folders)
+
+
+def _decode(payload: bytes, where: str, offset: int = 0) -> str:
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"{where} is not UTF-8: byte 0x{payload[error.start]:02x} at byte offset {offset + error.start}; "
+            "convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
+def read_txt(path: Path, text_field: str) -> Iterator[tuple[str | None, int]]:
+    payload = path.read_bytes()  # one document: a file is held while it is read, never the corpus
+    yield _decode(payload, str(path)), len(payload)
+
+
+def read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str | None, int]]:
+    """Each non-blank line's text_field; progress in bytes of the file on disk (compressed for .gz)."""
+    gz = path.name.endswith(".gz")
+    with open(path, "rb") as raw:
+        lines = gzip.open(raw) if gz else raw  # noqa: SIM115 (closed with raw)
+        offset, done = 0, 0  # byte offset in the (decompressed) text; bytes of the file reported so far
+        try:
+            for lineno, line in enumerate(lines, 1):
+                where = f"{path}:{lineno}"
+                text = _decode(line, where + (" (decompressed)" if gz else ""), offset)
+                offset += len(line)
+                position = raw.tell()
+                if text.strip():
+                    try:
+                        record = json.loads(text)
+                    except ValueError as error:
+                        raise UserError(f"{where} is not JSON ({error.msg}); one JSON object per line") from None
+                    value = record.get(text_field) if isinstance(record, dict) else None
+                    if not isinstance(value, str):
+                        got = (
+                            "has no" if not isinstance(record, dict) or text_field not in record else "has a non-string"
+                        )
+                        raise UserError(f"{where} {got} {text_field!r} field; set --text_field to the text's field")
+                    yield value, position - done
+                    done = position
+        except (OSError, EOFError, zlib.error) as error:  # a damaged or truncated .gz
+            raise UserError(f"cannot read {path}: {error}; download it again") from None
+    yield None, path.stat().st_size - done
+
+
+def require_pyarrow() -> Any:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError("reading .parquet needs pyarrow: run `uv sync --extra data` (or pip install pyarrow)") from None
+    return pq
+
+
+def read_parquet(path: Path, text_field: str) -> Iterator[tuple[str | None, int]]:
+    """The text_field column, one row group at a time (a row group is the unit parquet compresses)."""
+    pq = require_pyarrow()
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as error:  # pyarrow's errors for a damaged file vary
+        raise UserError(f"cannot read {path} as parquet ({type(error).__name__}: {error}); download it again") from None
+    if text_field not in pf.schema_arrow.names:
+        columns = ", ".join(pf.schema_arrow.names[:10])
+        raise UserError(f"{path} has no column {text_field!r} (it has: {columns}); set --text_field to the text column")
+    done, row = 0, 0
+    for group in range(pf.num_row_groups):
+        texts = pf.read_row_group(group, columns=[text_field]).column(0).to_pylist()
+        meta = pf.metadata.row_group(group)
+        size = sum(meta.column(i).total_compressed_size for i in range(meta.num_columns))
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise UserError(f"{path} row {row + i}: {text_field!r} is {type(text).__name__}, not text")
+            yield text, 0
+        row += len(texts)
+        yield None, size
+        done += size
+    yield None, max(0, path.stat().st_size - done)
+
+
+READERS: dict[str, Callable[[Path, str], Iterator[tuple[str | None, int]]]] = {
+    ".txt": read_txt,
+    ".jsonl": read_jsonl,
+    ".jsonl.gz": read_jsonl,
+    ".parquet": read_parquet,
+}
+
+
+def documents(sources: list[Path], text_field: str) -> Iterator[tuple[str | None, int]]:
+    """(text, bytes of input consumed) for every document in order; text None marks progress only."""
+    for path in sources:
+        try:
+            yield from READERS[kind_of(path)](path, text_field)
+        except PermissionError as error:
+            raise UserError(f"cannot read {path}: {error.strerror}") from None
+
+
+def chunks(docs: Iterable[tuple[str | None, int]]) -> Iterator[tuple[int, list[str]]]:
+    """(input bytes, texts) in groups of up to CHUNK_DOCS documents or CHUNK_BYTES characters."""
+    texts, size, progress = [], 0, 0
+    for text, consumed in docs:
+        progress += consumed
+        if text is not None:
+            texts.append(text)
+            size += len(text)
+        if len(texts) >= CHUNK_DOCS or size >= CHUNK_BYTES:
+            yield progress, texts
+            texts, size, progress = [], 0, 0
+    if texts or progress:
+        yield progress, texts
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Workers: in each process, the tokenizer and the split rule; results come back in the order tasks went out
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer: dict[str, Any] | None, val_frac: float, in_main: bool = False) -> None:
+    if not in_main:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (it ends the pool)
+    _WORKER.clear()
+    _WORKER["val_below"] = int(val_frac * 2**64)
+    if tokenizer is None:
+        return
+    if tokenizer["name"] == "char":
+        chars = tokenizer["chars"]
+        table = np.zeros(max(map(ord, chars)) + 1, dtype=np.uint32)  # code point -> id, one lookup per text
+        table[[ord(c) for c in chars]] = np.arange(len(chars), dtype=np.uint32)
+        _WORKER["encode"] = lambda texts: [table[np.frombuffer(t.encode("utf-32-le"), np.uint32)] for t in texts]
+        _WORKER["separator"], _WORKER["dtype"] = chars.index(CHAR_SEPARATOR), SHARD_DTYPES[shard_version(len(chars))]
+    else:
+        import tiktoken
+
+        enc = tiktoken.get_encoding(tokenizer["name"])
+        _WORKER["encode"] = lambda texts: enc.encode_ordinary_batch(texts, num_threads=1)  # the cores are ours
+        _WORKER["separator"], _WORKER["dtype"] = enc.eot_token, SHARD_DTYPES[shard_version(enc.n_vocab)]
+
+
+def is_val(text: str, val_below: int) -> bool:
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < val_below
+
+
+def chunk_chars(texts: list[str]) -> str:
+    return "".join(set().union(*texts))
+
+
+def encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(train tokens, val tokens, train documents, val documents) of one chunk, each document after a separator."""
+    dtype, separator = _WORKER["dtype"], np.array([_WORKER["separator"]], dtype=_WORKER["dtype"])
+    parts: dict[bool, list[np.ndarray]] = {False: [], True: []}
+    for text, ids in zip(texts, _WORKER["encode"](texts), strict=True):
+        parts[is_val(text, _WORKER["val_below"])] += [separator, np.asarray(ids, dtype=dtype)]
+    train, val = (np.concatenate(parts[v]) if parts[v] else np.empty(0, dtype) for v in (False, True))
+    return train, val, len(parts[False]) // 2, len(parts[True]) // 2
+
+
+def ordered_map(fn: Callable, items: Iterable[tuple[Any, Any]], workers: int, initargs: tuple) -> Iterator:
+    """(meta, fn(payload)) for each (meta, payload), in order, on `workers` processes with at most 2 tasks each in
+    flight: Pool.imap would read the whole input ahead into its queue, i.e. the corpus into memory."""
+    if workers == 1:
+        _init_worker(*initargs, in_main=True)
+        for meta, payload in items:
+            yield meta, fn(payload)
+        return
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:  # exit: terminate
+        pending: deque = deque()
+        for meta, payload in items:
+            pending.append((meta, pool.apply_async(fn, (payload,))))
+            if len(pending) >= 2 * workers:
+                meta, result = pending.popleft()
+                yield meta, result.get()
+        while pending:
+            meta, result = pending.popleft()
+            yield meta, result.get()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output: shards of exactly shard_tokens tokens (the last one shorter), then the manifest
+
+
+class ShardWriter:
+    """Fills one preallocated shard buffer per split and writes it whole when full; documents span shards."""
+
+    def __init__(self, out: Path, split: str, shard_tokens: int, version: int):
+        self.out, self.split, self.shard_tokens, self.version = out, split, shard_tokens, version
+        self.buffer: np.ndarray | None = None  # allocated at the first token (a split may get none)
+        self.filled, self.shards, self.tokens, self.documents = 0, [], 0, 0
+
+    def add(self, ids: np.ndarray, documents: int) -> None:
+        self.tokens, self.documents = self.tokens + len(ids), self.documents + documents
+        while len(ids):
+            if self.buffer is None:
+                self.buffer = np.empty(self.shard_tokens, dtype=SHARD_DTYPES[self.version])
+            take = min(len(ids), self.shard_tokens - self.filled)
+            self.buffer[self.filled : self.filled + take] = ids[:take]
+            self.filled, ids = self.filled + take, ids[take:]
+            if self.filled == self.shard_tokens:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.filled:
+            name = f"{self.split}_{len(self.shards):06d}.bin"
+            write_shard(self.out / name, self.buffer[: self.filled], self.version)
+            self.shards.append({"file": name, "tokens": self.filled})
+            self.filled = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "documents": self.documents, "shards": self.shards}
+
+
+def settings_of(args: argparse.Namespace, sources: list[dict[str, Any]]) -> dict[str, Any]:
+    """What decides the output: a complete manifest with the same settings means there is nothing to do."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "tokenizer_name": args.tokenizer,
+        "text_field": args.text_field,
+        "val_frac": args.val_frac,
+        "shard_tokens": args.shard_tokens,
+        "sources": sources,
+    }
+
+
+def shards_intact(out: Path, manifest: dict[str, Any]) -> bool:
+    """Every shard the manifest lists is there with the size its token count gives."""
+    try:
+        itemsize = SHARD_DTYPES[manifest["shard_version"]].itemsize
+        for split in manifest["splits"].values():
+            for shard in split["shards"]:
+                path = out / shard["file"]
+                if not path.is_file() or path.stat().st_size != SHARD_HEADER_BYTES + shard["tokens"] * itemsize:
+                    return False
+    except (KeyError, TypeError, AttributeError):
+        return False
+    return True
+
+
+def prepare_out(out: Path, settings: dict[str, Any]) -> bool:
+    """Make `out` ready for a fresh run (True), or see that it already holds this exact run (False)."""
+    if not out.exists():
+        out.mkdir(parents=True)
+        return True
+    foreign = sorted(p.name for p in out.iterdir() if not OUR_FILES.match(p.name))
+    if foreign:
+        raise UserError(
+            f"--out {out} holds {foreign[0]!r}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}, which "
+            "prepare.py did not write; give a new or empty folder"
+        )
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+        settings_found = manifest["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        manifest = settings_found = None  # none (an unfinished run), or one that describes nothing usable
+    if manifest is not None and settings_found != settings:
+        raise UserError(
+            f"--out {out} holds a corpus prepared from other inputs or settings (see its manifest.json); give "
+            "another --out, or delete that folder to prepare it again"
+        )
+    if manifest is not None and shards_intact(out, manifest):
+        return False
+    for path in out.iterdir():  # our own files from an unfinished (or damaged) run: start cleanly
+        path.unlink()
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return prepare(build_parser().parse_args(argv))
+    except UserError as error:
+        print(f"error: {str(error).removeprefix('argument ')}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: no manifest was written; run the same command again to start over", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="prepare.py", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("inputs", nargs="*", metavar="INPUT", help=".txt/.jsonl/.jsonl.gz/.parquet files or folders")
+    parser.add_argument("--out", required=True, help="the folder for the shards and manifest.json")
+    parser.add_argument("--tokenizer", default="gpt2", choices=("gpt2", "o200k_base", "char"))
+    parser.add_argument("--text_field", default="text", help="the jsonl field / parquet column holding the text")
+    parser.add_argument(
+        "--val_frac", type=float, default=0.001, help="fraction of documents held out for validation, by text hash"
+    )
+    parser.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard (llm.c: 100M)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: every core)")
+    return parser
+
+
+def prepare(args: argparse.Namespace) -> int:
+    if not 0 <= args.val_frac < 1:
+        raise UserError(f"--val_frac must be in [0, 1), got {args.val_frac}")
+    if args.shard_tokens < 1 or args.workers < 1:
+        raise UserError("--shard_tokens and --workers must be at least 1")
+    out = Path(args.out)
+    paths, skipped = find_sources(args.inputs, out)
+    check_writable(out, "--out")
+    if any(kind_of(p) == ".parquet" for p in paths):
+        require_pyarrow()  # before any work, not at the first parquet file
+    tokenizer = None if args.tokenizer == "char" else TiktokenTokenizer(args.tokenizer)  # fails early when offline
+    sizes = [p.stat().st_size for p in paths]
+    with multiprocessing.Pool(min(args.workers, len(paths))) if args.workers > 1 else _Serial() as pool:
+        hashes = pool.map(file_sha256, paths)
+    sources = [{"path": str(p), "bytes": s, "sha256": h} for p, s, h in zip(paths, sizes, hashes, strict=True)]
+    settings = settings_of(args, sources)
+    with FolderLock(out) as lock:
+        if not lock.acquire():
+            raise UserError(f"--out {out} is being written by {lock.holder()}; wait for it or pick another --out")
+        if not prepare_out(out, settings):
+            print(f"{out} already holds this corpus prepared with these settings (manifest.json); nothing to do")
+            return 0
+        if tokenizer is None:
+            tokenizer = char_vocabulary(paths, args, sum(sizes))
+        manifest = write_shards(paths, args, tokenizer, out, sum(sizes))
+        manifest.update(settings=settings, skipped_files=skipped)
+        atomic_write(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=True) + "\n")
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    print(
+        f"{out}: train {human(train['tokens'])} tokens ({train['documents']} documents, {len(train['shards'])} "
+        f"shards), val {human(val['tokens'])} tokens ({val['documents']} documents) from {len(paths)} files"
+        + (f"; skipped {skipped} other files" if skipped else "")
+    )
+    if not val["documents"]:
+        print("note: no document went to validation; raise --val_frac for a corpus this small")
+    return 0
+
+
+class _Serial:
+    """Pool's map in this process, for --workers 1."""
+
+    def __enter__(self) -> _Serial:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def map(self, fn: Callable, items: Iterable) -> list:
+        return [fn(item) for item in items]
+
+
+def progress_bar(total: int, desc: str) -> Any:
+    """tqdm over input bytes (MB/s and ETA), on a terminal only; without tqdm, no bar."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is None or not sys.stderr.isatty():
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, smoothing=0.05)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def char_vocabulary(paths: list[Path], args: argparse.Namespace, total: int) -> CharTokenizer:
+    """The first pass for char: every distinct character of the corpus, sorted, plus the separator U+0003."""
+    seen: set[str] = set()
+    bar = progress_bar(total, "vocabulary")
+    try:
+        for consumed, chars in ordered_map(
+            chunk_chars, chunks(documents(paths, args.text_field)), args.workers, (None, 0)
+        ):
+            seen.update(chars)
+            bar.update(consumed)
+    finally:
+        bar.close()
+    if CHAR_SEPARATOR in seen:
+        raise UserError(
+            "the corpus holds U+0003, which --tokenizer char uses to separate documents; remove it or use gpt2"
+        )
+    return CharTokenizer("".join(sorted(seen | {CHAR_SEPARATOR})))
+
+
+def write_shards(
+    paths: list[Path], args: argparse.Namespace, tokenizer: Tokenizer, out: Path, total: int
+) -> dict[str, Any]:
+    """Tokenize every document and write the shards; the manifest's contents (settings aside)."""
+    version = shard_version(tokenizer.vocab_size)
+    writers = {split: ShardWriter(out, split, args.shard_tokens, version) for split in ("train", "val")}
+    initargs = (tokenizer.to_dict(), args.val_frac)
+    bar = progress_bar(total, "tokenizing")
+    try:
+        for consumed, (train, val, n_train, n_val) in ordered_map(
+            encode_chunk, chunks(documents(paths, args.text_field)), args.workers, initargs
+        ):
+            writers["train"].add(train, n_train)
+            writers["val"].add(val, n_val)
+            bar.update(consumed)
+            bar.set_postfix_str(f"{human(writers['train'].tokens + writers['val'].tokens)} tokens")
+        for writer in writers.values():
+            writer.flush()
+    finally:
+        bar.close()
+    if isinstance(tokenizer, CharTokenizer):
+        separator = {"id": tokenizer.chars.index(CHAR_SEPARATOR), "text": CHAR_SEPARATOR}
+    else:
+        separator = {"id": tokenizer.start_id, "text": "<|endoftext|>"}
+    return {
+        "format": "pair-transformer token shards",
+        "format_version": FORMAT_VERSION,
+        "shard_format": "llm.c .bin: 256 int32 header (magic 20240520, version, token count), then the tokens",
+        "shard_version": version,
+        "dtype": SHARD_DTYPES[version].name,
+        "tokenizer": tokenizer.to_dict(),
+        "vocab_size": tokenizer.vocab_size,
+        "separator": {**separator, "placement": "before every document"},
+        "val_split": {"rule": VAL_RULE, "val_frac": args.val_frac, "unit": "document"},
+        "splits": {split: writer.summary() for split, writer in writers.items()},
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
