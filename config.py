@@ -72,7 +72,8 @@ class Config:
     seed: int = _flag(1337, "random seed (python, numpy, torch)", on_resume=MATCH)
     # data
     data_path: str = _flag(
-        "data/tiny_shakespeare.txt", "UTF-8 text to train on (Tiny Shakespeare is downloaded if missing)"
+        "data/tiny_shakespeare.txt",
+        "UTF-8 text to train on (Tiny Shakespeare is downloaded if missing), or a folder made by prepare.py",
     )
     tokenizer: str = _flag(
         "gpt2",

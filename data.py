@@ -2,7 +2,8 @@
 
 Tiny Shakespeare is downloaded (and verified) when missing; any UTF-8 file works with --data_path. The text is
 split 90/10 by characters (as nanoGPT does), each part tokenized once and cached on disk. Training batches are
-built by index arithmetic over one token tensor; validation batches are fixed so runs can be compared.
+built by index arithmetic over one token tensor; validation batches are fixed so runs can be compared. A folder
+prepared by prepare.py is read from its shards instead: train tokens memory-mapped (ShardTokens), val loaded.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import tempfile
 import urllib.request
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from config import Config, UserError
-from tokenizer import CharTokenizer, Tokenizer, build_tokenizer
+from tokenizer import CharTokenizer, Tokenizer, build_tokenizer, tokenizer_from_dict
 from utils import atomic_write, check_regular_file, fsync_dir
 
 ROOT = Path(__file__).resolve().parent
@@ -146,7 +148,13 @@ def _read_cache(cache: Path, tokenizer: Tokenizer, text: str, dtype: np.dtype) -
 
 
 def load_dataset(cfg: Config) -> tuple[Tokenizer, torch.Tensor, torch.Tensor]:
-    """(tokenizer, train ids, val ids): the first 1 - val_frac of the characters train, the rest validate."""
+    """(tokenizer, train ids, val ids): the first 1 - val_frac of the characters train, the rest validate. A folder
+    from prepare.py reads its shards instead (load_prepared)."""
+    folder = resolve_data_path(cfg.data_path)
+    if folder.is_dir():  # (a text file keeps the path below; one loader for both is a later step of issue 13)
+        tokenizer, train, val = load_prepared(cfg, folder)
+        check_split_lengths(cfg, train, val)
+        return tokenizer, train, val
     text, digest = read_text(cfg.data_path)
     tokenizer = build_tokenizer(cfg.tokenizer, text)
     split = int(len(text) * (1 - cfg.val_frac))
@@ -155,18 +163,26 @@ def load_dataset(cfg: Config) -> tuple[Tokenizer, torch.Tensor, torch.Tensor]:
     key = f"{digest[:16]}-{cfg.tokenizer}-{cfg.val_frac}"
     train = torch.from_numpy(_tokenize_cached(tokenizer, text[:split], f"{key}-train").astype(np.int64))
     val = torch.from_numpy(_tokenize_cached(tokenizer, text[split:], f"{key}-val").astype(np.int64))
+    check_split_lengths(cfg, train, val)
+    return tokenizer, train, val
+
+
+def check_split_lengths(cfg: Config, train: torch.Tensor | ShardTokens, val: torch.Tensor) -> None:
     for name, ids in (("training", train), ("validation", val)):
         if len(ids) < cfg.context_len + 1:
             raise UserError(
                 f"the {name} split of {cfg.data_path} has {len(ids)} tokens, fewer than context_len + 1 = "
                 f"{cfg.context_len + 1}; use a longer text or a smaller --context_len"
             )
-    return tokenizer, train, val
 
 
-def token_fingerprint(train: torch.Tensor, val: torch.Tensor) -> dict[str, int | str]:
-    """What a resumed run checks it trains on the same tokens: counts and a short hash of the ids."""
-    digest = hashlib.sha256(train.numpy().tobytes() + val.numpy().tobytes()).hexdigest()[:16]
+def token_fingerprint(train: torch.Tensor | ShardTokens, val: torch.Tensor) -> dict[str, int | str]:
+    """What a resumed run checks it trains on the same tokens: counts and a short hash of the ids. For shards, a
+    hash of the manifest's shard list and sources instead: hashing 10B tokens would take minutes."""
+    if isinstance(train, ShardTokens):
+        digest = train.digest
+    else:
+        digest = hashlib.sha256(train.numpy().tobytes() + val.numpy().tobytes()).hexdigest()[:16]
     return {"train_tokens": len(train), "val_tokens": len(val), "sha256": digest}
 
 
@@ -174,9 +190,14 @@ def token_fingerprint(train: torch.Tensor, val: torch.Tensor) -> dict[str, int |
 # Batches
 
 
-def gather_windows(tokens: torch.Tensor, starts: torch.Tensor, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_windows(
+    tokens: torch.Tensor | ShardTokens, starts: torch.Tensor, context_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and targets (len(starts), context_len) in one indexing op: targets are inputs shifted by one."""
-    window = tokens[starts[:, None] + torch.arange(context_len + 1)]
+    if isinstance(tokens, ShardTokens):
+        window = tokens.windows(starts, context_len + 1)
+    else:
+        window = tokens[starts[:, None] + torch.arange(context_len + 1)]
     return window[:, :-1], window[:, 1:]
 
 
@@ -197,7 +218,7 @@ class TrainBatches:
 
     def __init__(
         self,
-        tokens: torch.Tensor,
+        tokens: torch.Tensor | ShardTokens,
         batch_size: int,
         context_len: int,
         seed: int,
@@ -339,3 +360,87 @@ def read_shard(path: str | Path) -> np.ndarray:
     if num_tokens == 0:  # mmap cannot map zero bytes
         return np.empty(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=SHARD_HEADER_BYTES, shape=(num_tokens,))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training from a folder prepared by prepare.py: its manifest.json and shards
+
+
+class ShardTokens:
+    """The train shards as one virtual token sequence, memory-mapped: nothing is read until a window is gathered,
+    so resident memory does not grow with the corpus. `digest` is the fingerprint's hash (token_fingerprint)."""
+
+    def __init__(self, shards: list[np.ndarray], digest: str = ""):
+        self.shards = [s for s in shards if len(s)]  # an empty shard holds no window and would only cost a lookup
+        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])  # shard i holds [offsets[i], offsets[i + 1])
+        self.digest = digest
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def windows(self, starts: torch.Tensor, length: int) -> torch.Tensor:
+        """(len(starts), length) int64: row r is tokens [starts[r], starts[r] + length), across shard ends."""
+        out = np.empty((len(starts), length), dtype=np.int64)
+        for row, start in enumerate(starts.tolist()):
+            if start < 0 or start + length > len(self):
+                raise IndexError(f"window [{start}, {start + length}) outside the {len(self)} training tokens")
+            position, filled = start, 0
+            while filled < length:  # one contiguous copy per shard the window touches (one, or two at an end)
+                shard = int(np.searchsorted(self.offsets, position, side="right")) - 1
+                local = position - int(self.offsets[shard])
+                take = min(length - filled, len(self.shards[shard]) - local)
+                out[row, filled : filled + take] = self.shards[shard][local : local + take]
+                position, filled = position + take, filled + take
+        return torch.from_numpy(out)
+
+
+def load_prepared(cfg: Config, folder: Path) -> tuple[Tokenizer, ShardTokens, torch.Tensor]:
+    """(tokenizer, train tokens memory-mapped, val tokens loaded as int64) of a folder prepare.py wrote."""
+    path = folder / "manifest.json"
+    if not path.exists():
+        raise UserError(
+            f"cannot read --data_path {cfg.data_path}: it is a folder; give a UTF-8 text file, or a folder prepared "
+            f"by prepare.py (this one has no manifest.json: run `uv run prepare.py INPUT... --out {cfg.data_path} "
+            f"--tokenizer {cfg.tokenizer}`, or rerun an unfinished one)"
+        )
+    try:
+        manifest = json.loads(check_regular_file(path, "manifest", "a JSON file").read_text(encoding="utf-8"))
+        tokenizer_dict, splits = manifest["tokenizer"], manifest["splits"]
+        listed = {split: [(s["file"], int(s["tokens"])) for s in splits[split]["shards"]] for split in ("train", "val")}
+        sources = [s["sha256"] for s in manifest["settings"]["sources"]]
+        name = tokenizer_dict["name"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(
+            f"{path} is not a manifest prepare.py wrote ({type(error).__name__}: {error}); prepare it again"
+        ) from None
+    if name != cfg.tokenizer:
+        raise UserError(
+            f"{cfg.data_path} was prepared with --tokenizer {name}, not {cfg.tokenizer}; pass --tokenizer {name} "
+            "(or prepare the corpus again with another)"
+        )
+    try:
+        tokenizer = tokenizer_from_dict(tokenizer_dict)
+    except UserError as error:
+        raise UserError(f"{path}: the tokenizer is damaged: {error}") from None
+    shards = {}
+    for split, entries in listed.items():
+        shards[split] = []
+        for file, count in entries:
+            if Path(file).name != file:  # a manifest names files in its own folder, nothing elsewhere
+                raise UserError(f"{path} lists shard {file!r}, not a file name in its folder; prepare it again")
+            ids = read_shard(folder / file)  # checks magic, version and that the size matches the header
+            if len(ids) != count:
+                raise UserError(
+                    f"shard {folder / file} holds {len(ids)} tokens, its manifest says {count}; prepare it again"
+                )
+            shards[split].append(ids)
+    # the fingerprint a resume compares: what the manifest says the tokens are, not the tokens themselves
+    listing = json.dumps({"shards": listed, "sources": sources}, sort_keys=True).encode("utf-8")
+    train = ShardTokens(shards["train"], hashlib.sha256(listing).hexdigest()[:16])
+    val_ids = np.concatenate(shards["val"]) if shards["val"] else np.empty(0, np.int64)
+    val = torch.from_numpy(val_ids.astype(np.int64))  # the val split is small by design (0.1%)
+    if len(val) and int(val.max()) >= tokenizer.vocab_size:
+        raise UserError(
+            f"{folder}'s val shards hold id {int(val.max())}, outside the vocabulary of {tokenizer.vocab_size}"
+        )
+    return tokenizer, train, val

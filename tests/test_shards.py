@@ -1,0 +1,135 @@
+"""Training from a folder prepared by prepare.py: the shards read as one token sequence, memory-mapped, and train,
+resume and refuse bad folders like a text file does. Tiny generated corpora, tiny --shard_tokens (several shards)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_same_state, run_config, step_losses, synthetic_text, tiny_config
+
+import data
+import prepare
+import train
+from config import UserError
+
+
+def prepare_corpus(root: Path, tokenizer: str, shard_tokens: int) -> Path:
+    """A jsonl corpus of short documents, prepared into root/<tokenizer> in shards of shard_tokens tokens."""
+    lines = synthetic_text(6_000).splitlines()
+    docs = [" ".join(lines[i : i + 3]) for i in range(0, len(lines), 3)]
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    out = root / tokenizer
+    argv = [str(corpus), "--out", str(out), "--tokenizer", tokenizer, "--val_frac", "0.2", "--workers", "1"]
+    assert prepare.main([*argv, "--shard_tokens", str(shard_tokens)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("shards")
+    return {"char": prepare_corpus(root, "char", 700), "gpt2": prepare_corpus(root, "gpt2", 300)}
+
+
+def concatenated(folder: Path, split: str) -> np.ndarray:
+    return np.concatenate([data.read_shard(p) for p in sorted(folder.glob(f"{split}_*.bin"))]).astype(np.int64)
+
+
+@pytest.mark.parametrize("name", ["char", "gpt2"])
+def test_load_dataset_gives_the_tokens_of_the_shards(prepared, name):
+    folder = prepared[name]
+    assert len(list(folder.glob("train_*.bin"))) >= 3  # the boundaries below are real
+    tokenizer, train_ids, val_ids = data.load_dataset(tiny_config(data_path=str(folder), tokenizer=name))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert tokenizer.to_dict() == manifest["tokenizer"]
+    assert isinstance(train_ids, data.ShardTokens) and all(isinstance(s, np.memmap) for s in train_ids.shards)
+    everything = concatenated(folder, "train")
+    assert len(train_ids) == len(everything) == manifest["splits"]["train"]["tokens"]
+    assert torch.equal(train_ids.windows(torch.tensor([0]), len(everything))[0], torch.from_numpy(everything))
+    assert val_ids.dtype == torch.int64 and torch.equal(val_ids, torch.from_numpy(concatenated(folder, "val")))
+    fingerprint = data.token_fingerprint(train_ids, val_ids)
+    assert fingerprint["train_tokens"] == len(everything) and fingerprint["val_tokens"] == len(val_ids)
+
+
+@pytest.mark.parametrize("name", ["char", "gpt2"])
+def test_windows_across_shard_boundaries_equal_the_concatenated_tokens(prepared, name):
+    train_ids = data.load_dataset(tiny_config(data_path=str(prepared[name]), tokenizer=name))[1]
+    everything = torch.from_numpy(concatenated(prepared[name], "train"))
+    boundary = int(train_ids.offsets[1])
+    length = int(train_ids.offsets[2] - train_ids.offsets[1]) + 10  # a window over a whole shard and both its ends
+    starts = torch.tensor([0, boundary - 5, boundary - 1, boundary, boundary - 5, len(everything) - 17])
+    for context_len in (16, length - 1):
+        x, y = data.gather_windows(train_ids, starts[starts + context_len + 1 <= len(everything)], context_len)
+        x_ref, y_ref = data.gather_windows(everything, starts[starts + context_len + 1 <= len(everything)], context_len)
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    with pytest.raises(IndexError):
+        train_ids.windows(torch.tensor([len(everything) - 3]), 4)
+
+
+def test_train_batches_over_shards_equal_those_over_the_tensor(prepared):
+    train_ids = data.load_dataset(tiny_config(data_path=str(prepared["char"])))[1]
+    everything = torch.from_numpy(concatenated(prepared["char"], "train"))
+    for rank in (0, 1):
+        shards, tensor = (data.TrainBatches(t, 4, 16, 7, torch.device("cpu"), rank, 2) for t in (train_ids, everything))
+        for _ in range(3 * shards.batches_per_epoch + 1):  # across epochs
+            (x, y), (x_ref, y_ref) = shards.next_batch(), tensor.next_batch()
+            assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+        assert shards.state_dict() == tensor.state_dict()
+
+
+RESUME = dict(max_steps=8, eval_every=4, log_every=2, save_model=True, save_every=4, keep_checkpoints=None, dropout=0.1)
+
+
+def test_train_from_a_folder_and_resume_it_exactly(prepared, tmp_path):
+    folder = prepared["char"]
+    straight = train.train(run_config(tmp_path / "a", folder, RESUME))
+    assert math.isfinite(straight["final_val_loss"])
+    checkpoint = tmp_path / "b" / "models" / "r" / "step_000004"  # a copy: resuming a's step 4 in place meets step 8
+    shutil.copytree(tmp_path / "a" / "models" / "r" / "step_000004", checkpoint)
+    resumed = train.train(run_config(tmp_path / "b", folder, RESUME, resume=str(checkpoint)))
+    assert resumed["final_val_loss"] == straight["final_val_loss"]
+    assert step_losses(tmp_path / "b" / "runs" / "r") == [
+        r for r in step_losses(tmp_path / "a" / "runs" / "r") if r[0] > 4
+    ]
+    assert_same_state(tmp_path / "b" / "models" / "r" / "step_000008", tmp_path / "a" / "models" / "r" / "step_000008")
+
+
+def test_a_manifest_of_another_tokenizer_is_one_line(prepared):
+    with pytest.raises(UserError, match=r"prepared with --tokenizer gpt2, not char; pass --tokenizer gpt2") as error:
+        data.load_dataset(tiny_config(data_path=str(prepared["gpt2"]), tokenizer="char"))
+    assert "\n" not in str(error.value)
+
+
+def test_a_folder_without_a_manifest_is_one_line(tmp_path, capsys):
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "train_000000.bin").write_bytes(b"")
+    argv = ["--data_path", str(tmp_path / "unfinished"), "--tokenizer", "char", "--device", "cpu"]
+    assert train.main([*argv, "--runs_dir", str(tmp_path / "runs"), "--save_model", "False"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert "no manifest.json" in err and "uv run prepare.py" in err
+
+
+def test_a_damaged_shard_is_one_line(prepared, tmp_path):
+    folder = tmp_path / "damaged"
+    shutil.copytree(prepared["char"], folder)
+    shard = folder / "train_000001.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])  # one token short of what its header says
+    with pytest.raises(UserError, match="truncated or damaged") as error:
+        data.load_dataset(tiny_config(data_path=str(folder)))
+    assert "\n" not in str(error.value)
+
+
+def test_resuming_on_another_prepared_folder_is_refused(prepared, tmp_path):
+    """The fingerprint of a folder is its manifest's shard list and sources: other shards, another fingerprint."""
+    train.train(run_config(tmp_path / "a", prepared["char"], RESUME, max_steps=2, save_every=None))
+    other = prepare_corpus(tmp_path, "char", 500)
+    cfg = run_config(tmp_path / "b", other, RESUME, max_steps=4, resume=str(tmp_path / "a" / "models" / "r"))
+    with pytest.raises(UserError, match="it was trained on other tokens"):
+        train.train(cfg)
