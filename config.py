@@ -458,6 +458,31 @@ PRESETS: dict[str, dict[str, Any]] = {
         "min_lr_frac": 0.0,
         "log_every": 100,
     },
+    # GPT-2 small (124M) on a prepared corpus (--data_path DIR from prepare.py): 16 x 1024 x 32 = 524,288 tokens per
+    # step on one GPU (with N GPUs under torchrun pass --accumulation_steps 32/N for the same step), 10,000 steps =
+    # 5.2B tokens, warmup then a linear cooldown over the last 40%. A starting point, not yet tuned on a GPU.
+    "gpt2-124m": {
+        "tokenizer": "gpt2",
+        "num_blocks": 12,
+        "num_heads": 12,
+        "embedding_dim": 768,
+        "context_len": 1024,
+        "batch_size": 16,
+        "accumulation_steps": 32,
+        "max_steps": 10_000,
+        "warmup_steps": 250,
+        "lr": 6e-4,
+        "muon_lr": 0.02,
+        "lr_schedule": "wsd",
+        "cooldown_frac": 0.4,
+        "min_lr_frac": 0.0,
+        "weight_decay": 0.0,
+        "dropout": 0.0,
+        "eval_every": 250,
+        "eval_steps": 20,
+        "log_every": 10,
+        "save_every": 1000,
+    },
 }
 
 
