@@ -153,6 +153,34 @@ def test_sigterm_stops_every_rank_after_the_same_step_and_rank_0_saves(env, tmp_
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_two_ranks_on_shards_equal_one_rank_with_accumulation(launch, tmp_path):
+    """The same guarantee when the data is a prepare.py folder: memory-mapped shards, windows across their ends."""
+    import prepare
+    import train
+
+    lines = synthetic_text(6_000).splitlines()
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(lines[i : i + 3])}) + "\n" for i in range(0, len(lines), 3)))
+    folder = tmp_path / "prepared"
+    argv = [str(corpus), "--out", str(folder), "--tokenizer", "char", "--val_frac", "0.2", "--shard_tokens", "700"]
+    assert prepare.main([*argv, "--workers", "1"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs
+    try:
+        train.train(run_config(tmp_path / "one", folder, DISTRIBUTED, accumulation_steps=2, save_model=False))
+    finally:
+        torch.set_num_threads(threads)
+    cfg = run_config(tmp_path / "two", folder, DISTRIBUTED, accumulation_steps=1, save_model=False)
+    launch([TRAIN_PY, *argv_of(cfg)], tmp_path)
+    one, two = read_records(tmp_path / "one" / "runs" / "r"), read_records(tmp_path / "two" / "runs" / "r")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [*range(1, N + 1), N]
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "val_loss"):
+            assert (key in a) == (key in b)
+            if key in a:
+                assert abs(a[key] - b[key]) <= 1e-6 * abs(a[key]), (key, a, b)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Muon: the Newton-Schulz work shared between ranks
 
