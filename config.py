@@ -87,6 +87,11 @@ class Config:
     # evaluation and logging
     eval_every: int = _flag(100, "evaluate on the fixed validation batches every N steps (0 = only at the end)")
     eval_steps: int = _flag(20, "validation batches per periodic evaluation (the final one covers the whole split)")
+    val_tokens: int | None = _flag(
+        None,
+        "the final evaluation's budget: at most this many val targets, the first windows of the split "
+        "(None = the whole split; modded-nanogpt uses 10485760)",
+    )
     log_every: int = _flag(10, "print and record a line every N steps")
     run: str | None = _flag(None, "run name (default: a timestamp); names runs/<run>/ and the checkpoint folder")
     runs_dir: str = _flag("runs", "where runs/<run>/config.json and metrics.jsonl are written")
@@ -156,6 +161,11 @@ class Config:
             )
         if self.val_frac == 0:
             raise UserError("--val_frac must be above 0: validation needs some held-out tokens")
+        if self.val_tokens is not None and self.val_tokens < self.context_len:
+            raise UserError(
+                f"--val_tokens {self.val_tokens} is fewer than --context_len {self.context_len}: the final evaluation "
+                f"needs one whole window; use --val_tokens {self.context_len} or more (None = the whole split)"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -245,6 +255,7 @@ INT_RANGES: dict[str, tuple[int, int, str]] = {
             "epochs",
             "max_steps",
             "eval_steps",
+            "val_tokens",
             "log_every",
             "save_every",
             "keep_checkpoints",

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import tempfile
 import urllib.request
@@ -167,6 +168,35 @@ def load_dataset(cfg: Config) -> tuple[Tokenizer, torch.Tensor, torch.Tensor]:
     return tokenizer, train, val
 
 
+def val_bytes(cfg: Config) -> int | None:
+    """UTF-8 bytes of the validation split's text, for bits per byte: of text[split:] for a text file (read again:
+    load_dataset keeps only the ids), the manifest's count for a prepared folder (documents' bytes; separators count
+    0). None when they are unknown: a manifest from before prepare.py counted bytes, or a text file gone since."""
+    path = resolve_data_path(cfg.data_path)
+    if path.is_dir():
+        try:
+            count = json.loads((path / "manifest.json").read_text(encoding="utf-8"))["splits"]["val"].get("bytes")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else None
+    if not path.is_file():  # (read_text would download a missing default: not at the end of a run)
+        return None
+    try:
+        text, _ = read_text(cfg.data_path)
+    except UserError:  # changed since the run began: no bits per byte rather than no final record
+        return None
+    return len(text[int(len(text) * (1 - cfg.val_frac)) :].encode("utf-8"))
+
+
+def bits_per_byte(loss: float, split_tokens: int, split_bytes: int | None) -> float | None:
+    """Bits per UTF-8 byte of a mean loss in nats per target token: nats x targets / bytes covered / ln 2, with the
+    bytes the targets cover taken as targets x the split's bytes per token, so the targets cancel. Exact for char
+    on ASCII text; on the whole split with BPE, up to one token's share; over a --val_tokens prefix, an average."""
+    if split_bytes is None or not split_tokens or not math.isfinite(loss):
+        return None
+    return loss * split_tokens / split_bytes / math.log(2)
+
+
 def check_split_lengths(cfg: Config, train: torch.Tensor | ShardTokens, val: torch.Tensor) -> None:
     for name, ids in (("training", train), ("validation", val)):
         if len(ids) < cfg.context_len + 1:
@@ -277,10 +307,11 @@ def fixed_val_batches(
 
 
 def full_val_batches(
-    tokens: torch.Tensor, batch_size: int, context_len: int
+    tokens: torch.Tensor, batch_size: int, context_len: int, max_targets: int | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Windows covering every validation target exactly once (targets already covered are masked with -1)."""
-    n_targets = len(tokens) - 1
+    """Windows covering every validation target exactly once (targets already covered are masked with -1); with
+    `max_targets` (--val_tokens, at least context_len), only the first that many: a prefix, the same every run."""
+    n_targets = len(tokens) - 1 if max_targets is None else min(len(tokens) - 1, max_targets)
     starts = list(range(0, n_targets - context_len + 1, context_len))
     covered = starts[-1] + context_len
     x, y = gather_windows(tokens, torch.tensor(starts), context_len)

@@ -238,14 +238,18 @@ def chunk_chars(texts: list[str]) -> str:
     return "".join(set().union(*texts))
 
 
-def encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """(train tokens, val tokens, train documents, val documents) of one chunk, each document after a separator."""
+def encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int, int, int, int]:
+    """(train tokens, val tokens, train documents, val documents, train bytes, val bytes) of one chunk, each
+    document after a separator; the bytes are the documents' UTF-8 bytes (for bits per byte; separators add none)."""
     dtype, separator = _WORKER["dtype"], np.array([_WORKER["separator"]], dtype=_WORKER["dtype"])
     parts: dict[bool, list[np.ndarray]] = {False: [], True: []}
+    size = {False: 0, True: 0}
     for text, ids in zip(texts, _WORKER["encode"](texts), strict=True):
-        parts[is_val(text, _WORKER["val_below"])] += [separator, np.asarray(ids, dtype=dtype)]
+        split = is_val(text, _WORKER["val_below"])
+        parts[split] += [separator, np.asarray(ids, dtype=dtype)]
+        size[split] += len(text.encode("utf-8"))
     train, val = (np.concatenate(parts[v]) if parts[v] else np.empty(0, dtype) for v in (False, True))
-    return train, val, len(parts[False]) // 2, len(parts[True]) // 2
+    return train, val, len(parts[False]) // 2, len(parts[True]) // 2, size[False], size[True]
 
 
 def ordered_map(fn: Callable, items: Iterable[tuple[Any, Any]], workers: int, initargs: tuple) -> Iterator:
@@ -278,10 +282,11 @@ class ShardWriter:
     def __init__(self, out: Path, split: str, shard_tokens: int, version: int):
         self.out, self.split, self.shard_tokens, self.version = out, split, shard_tokens, version
         self.buffer: np.ndarray | None = None  # allocated at the first token (a split may get none)
-        self.filled, self.shards, self.tokens, self.documents = 0, [], 0, 0
+        self.filled, self.shards, self.tokens, self.documents, self.bytes = 0, [], 0, 0, 0
 
-    def add(self, ids: np.ndarray, documents: int) -> None:
-        self.tokens, self.documents = self.tokens + len(ids), self.documents + documents
+    def add(self, ids: np.ndarray, documents: int, size: int) -> None:
+        """`size`: the UTF-8 bytes of the documents `ids` encode (separators excluded)."""
+        self.tokens, self.documents, self.bytes = self.tokens + len(ids), self.documents + documents, self.bytes + size
         while len(ids):
             if self.buffer is None:
                 self.buffer = np.empty(self.shard_tokens, dtype=SHARD_DTYPES[self.version])
@@ -299,7 +304,7 @@ class ShardWriter:
             self.filled = 0
 
     def summary(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "documents": self.documents, "shards": self.shards}
+        return {"tokens": self.tokens, "documents": self.documents, "bytes": self.bytes, "shards": self.shards}
 
 
 def settings_of(args: argparse.Namespace, sources: list[dict[str, Any]]) -> dict[str, Any]:
@@ -482,11 +487,11 @@ def write_shards(
     initargs = (tokenizer.to_dict(), args.val_frac)
     bar = progress_bar(total, "tokenizing")
     try:
-        for consumed, (train, val, n_train, n_val) in ordered_map(
+        for consumed, (train, val, n_train, n_val, b_train, b_val) in ordered_map(
             encode_chunk, chunks(documents(paths, args.text_field)), args.workers, initargs
         ):
-            writers["train"].add(train, n_train)
-            writers["val"].add(val, n_val)
+            writers["train"].add(train, n_train, b_train)
+            writers["val"].add(val, n_val, b_val)
             bar.update(consumed)
             bar.set_postfix_str(f"{human(writers['train'].tokens + writers['val'].tokens)} tokens")
         for writer in writers.values():

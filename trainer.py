@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from checkpoint import rng_state, save_checkpoint
 from config import Config, UserError
-from data import TrainBatches, fixed_val_batches, full_val_batches, to_device
+from data import TrainBatches, bits_per_byte, fixed_val_batches, full_val_batches, to_device
 from distributed import Distributed
 from inference import format_table, run_cases
 from model import GPT, generate
@@ -183,6 +183,8 @@ class Trainer:
     recorder: RunRecorder | None = None
     save_dir: Path | None = None
     peak: float | None = None  # FLOP/s of all the devices in use, for MFU
+    val_bytes: int | None = None  # UTF-8 bytes of the validation split (data.val_bytes), for bits per byte
+    final_bpb: float | None = None  # the final evaluation's bits per byte, for finish(); None when unknown
 
     def __post_init__(self) -> None:
         cfg, self.device = self.cfg, next(self.model.parameters()).device
@@ -262,21 +264,39 @@ class Trainer:
         state.loss_count, state.interval_start, state.interval_steps = 0, time.perf_counter(), 0
 
     def final_evaluation(self, state: LoopState, signals: StopSignals) -> float | None:
-        """The loss over the whole validation split, recorded as the run's final record; None if a stop signal came
-        during it."""
+        """The loss over the whole validation split, or its first --val_tokens targets, recorded with its bits per
+        byte as the run's final record; None if a stop signal came during it."""
         check_finite(state)
-        print(f"final evaluation on the whole validation split ({len(self.val_ids)} tokens) ...", flush=True)
+        cfg, split_tokens = self.cfg, len(self.val_ids)
+        scope = self.final_scope()
+        scope = "whole validation split" if scope == "whole split" else scope
+        print(f"final evaluation on the {scope} ({split_tokens} tokens) ...", flush=True)
         eval_start = time.perf_counter()
-        batches = full_val_batches(self.val_ids, self.cfg.batch_size, self.cfg.context_len)
+        batches = full_val_batches(self.val_ids, cfg.batch_size, cfg.context_len, cfg.val_tokens)
         val = evaluate(self.model, batches, self.autocast, self.device, self.ctx, lambda: bool(signals.signum))
         state.eval_seconds += time.perf_counter() - eval_start
         if math.isnan(val):
             return None
         state.best_val_loss = min(state.best_val_loss, val)
+        self.final_bpb = bits_per_byte(val, split_tokens, self.val_bytes)
+        targets = sum(int((y != -1).sum()) for _, y in batches)
         self.recorder.log(
-            {"step": state.step, "val_loss": round(val, 5), "final": True, "elapsed_s": round(state.train_seconds, 3)}
+            {
+                "step": state.step,
+                "val_loss": round(val, 5),
+                "val_bpb": None if self.final_bpb is None else round(self.final_bpb, 5),
+                "val_targets": targets,  # the targets the loss is the mean over
+                "final": True,
+                "elapsed_s": round(state.train_seconds, 3),
+            }
         )
         return val
+
+    def final_scope(self) -> str:
+        """What the final evaluation covers, in words: "whole split", or "first N val targets" under --val_tokens."""
+        budget = self.cfg.val_tokens
+        whole = budget is None or budget >= len(self.val_ids) - 1
+        return "whole split" if whole else f"first {budget} val targets"
 
     def save(self, state: LoopState) -> Path:
         """A checkpoint of everything needed to continue after this step; never one of non-finite weights. Every
@@ -323,12 +343,14 @@ class Trainer:
                 f"done: {step} steps in {format_duration(state.train_seconds)} of training "
                 f"(+{state.eval_seconds:.1f}s eval), {human(tok_per_s)} tok/s"
             )
-            print(f"final val loss {final_val:.4f} (whole split), best {state.best_val_loss:.4f}")
+            bpb = f", {self.final_bpb:.3f} bits/byte" if self.final_bpb is not None else ""
+            print(f"final val loss {final_val:.4f} ({self.final_scope()}){bpb}, best {state.best_val_loss:.4f}")
             print(f"records: {self.recorder.dir}" + (f" | checkpoint: {checkpoint}" if checkpoint else ""), flush=True)
         return {
             "run": self.recorder.name,
             "steps": step,
             "final_val_loss": final_val,
+            "final_val_bpb": self.final_bpb,
             "best_val_loss": state.best_val_loss,
             "train_seconds": state.train_seconds,
             "eval_seconds": state.eval_seconds,

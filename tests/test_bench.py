@@ -59,3 +59,27 @@ def test_train_benchmark_times_the_real_step_and_writes_json(tmp_path, capsys):
     for row in rows:
         assert row["ms_per_step"] > 0 and len(row["rounds_ms"]) == 2 and row["mfu"] > 0
         assert row["tok_per_s"] == pytest.approx(2 * 16 * 2 / row["ms_per_step"] * 1000, rel=0.01)
+
+
+def test_data_benchmark_prepares_trains_and_writes_json(tmp_path, capsys):
+    bench = load_bench("bench_data")
+    out = tmp_path / "data.json"
+    argv = ["--size_mb", "0.2", "--workers", "2", "--val_frac", "0.05", "--train_steps", "1", "--out", str(out)]
+    argv += ["--loader_batches", "20", "--step_repeats", "2", "--keep", str(tmp_path / "work")]
+    argv += ["--baseline", str(write_text(tmp_path / "baseline.txt", synthetic_text(5_000)))]  # not Shakespeare: fast
+    flags = ["--num_blocks", "1", "--embedding_dim", "32", "--context_len", "16", "--torch_compile", "False"]
+    flags += ["--peak_flops", "1e12", "--val_tokens", "256"]  # no CPU peak measurement, a short final evaluation
+    assert bench.main([*argv, *flags]) == 0
+    result = json.loads(out.read_text())
+    assert {"date", "machine", "corpus", "tokens", "prepare", "prepare_speedup", "train", "step_ms"} <= result.keys()
+    assert result["machine"]["cores"] > 0 and result["machine"]["torch"]
+    assert result["corpus"]["bytes"] >= 0.2 * 2**20 and result["corpus"]["txt_files"] > 0
+    assert {p.suffix for p in (tmp_path / "work" / "corpus").rglob("*.*")} == {".jsonl", ".txt"}
+    assert [run["workers"] for run in result["prepare"]] == [1, 2]
+    for run in result["prepare"]:
+        assert run["mb_per_s"] > 0 and run["seconds"] > 0 and run["peak_rss_mb"] > 0
+    assert set(result["train"]) == {"corpus", "baseline"}
+    for run in result["train"].values():
+        assert run["seconds"] > 0 and run["peak_rss_mb"] > 0
+    assert result["prepare_speedup"] > 0 and result["loader_ms"] > 0 and result["loader_pct_of_step"] > 0
+    assert "speed-up" in capsys.readouterr().out

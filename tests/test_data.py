@@ -141,6 +141,41 @@ def test_full_val_batches_cover_every_target_once(n_tokens, context_len, batch_s
     assert sorted(targets) == list(range(1, n_tokens))
 
 
+@pytest.mark.parametrize("n_tokens, context_len, budget", [(101, 10, 10), (101, 10, 35), (1000, 7, 500), (50, 16, 49)])
+def test_full_val_batches_under_a_budget_cover_the_first_targets_once(n_tokens, context_len, budget):
+    tokens = torch.arange(n_tokens)  # a target's value is its position
+    batches = full_val_batches(tokens, 4, context_len, budget)
+    targets = [t for _, y in batches for t in y[y != -1].tolist()]
+    assert targets == list(range(1, budget + 1))  # the first `budget` targets, each once, in order
+    again = full_val_batches(tokens, 4, context_len, budget)  # deterministic: the same windows every time
+    assert all(torch.equal(a, b) for pair in zip(batches, again, strict=True) for a, b in zip(*pair, strict=True))
+
+
+def test_a_budget_over_the_split_is_the_whole_split():
+    tokens = torch.arange(101)
+    whole, over = full_val_batches(tokens, 3, 10), full_val_batches(tokens, 3, 10, 10**9)
+    assert all(torch.equal(a, b) for pair in zip(whole, over, strict=True) for a, b in zip(*pair, strict=True))
+
+
+def test_val_tokens_below_context_len_is_one_line():
+    with pytest.raises(UserError, match=r"--val_tokens 8 is fewer than --context_len 16") as error:
+        tiny_config(val_tokens=8)
+    assert "\n" not in str(error.value)
+    with pytest.raises(UserError, match=r"--val_tokens must be a positive integer or None, got 0"):
+        tiny_config(val_tokens=0)
+
+
+def test_val_bytes_of_a_text_file_are_those_of_its_val_text(tmp_path):
+    text = "naïve café 東京 🙂 " * 50  # 1 to 4 UTF-8 bytes a character
+    path = write_text(tmp_path / "t.txt", text)
+    cfg = tiny_config(data_path=str(path), val_frac=0.25)
+    assert data.val_bytes(cfg) == len(text[int(len(text) * 0.75) :].encode("utf-8")) > len(text) // 4
+    assert data.bits_per_byte(2.0, 100, 400) == pytest.approx(2.0 * 100 / 400 / np.log(2))
+    assert data.bits_per_byte(2.0, 100, None) is None
+    path.unlink()  # gone by the end of the run: no bits per byte, and no error
+    assert data.val_bytes(cfg) is None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Loading text
 

@@ -101,6 +101,10 @@ def test_workers_and_shard_boundaries_do_not_change_the_output(tmp_path):
     assert train_docs and val_docs
     assert np.array_equal(split_tokens(outs[0], "train"), expected_tokens(train_docs, "gpt2"))
     assert np.array_equal(split_tokens(outs[0], "val"), expected_tokens(val_docs, "gpt2"))
+    # each split records its documents' UTF-8 bytes (for bits per byte; separators count none), with 2 workers too
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        assert manifest["splits"][split]["bytes"] == sum(len(d.encode("utf-8")) for d in docs)
+    assert json.loads((outs[1] / "manifest.json").read_text())["splits"] == manifest["splits"]
 
 
 def test_o200k_shards_are_uint32(tmp_path):

@@ -100,6 +100,35 @@ def test_train_from_a_folder_and_resume_it_exactly(prepared, tmp_path):
     assert_same_state(tmp_path / "b" / "models" / "r" / "step_000008", tmp_path / "a" / "models" / "r" / "step_000008")
 
 
+@pytest.mark.parametrize("name", ["char", "gpt2"])
+def test_a_prepared_folder_gives_bits_per_byte_from_its_manifest_bytes(prepared, tmp_path, name):
+    """The manifest's val bytes are the val documents' UTF-8 bytes; a run's final bpb is loss x val tokens / those
+    bytes / ln 2. A manifest from before prepare.py counted bytes still trains, with bpb None."""
+    folder = prepared[name]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    lines = synthetic_text(6_000).splitlines()
+    docs = [" ".join(lines[i : i + 3]) for i in range(0, len(lines), 3)]
+    val_docs = [d for d in docs if prepare.is_val(d, int(0.2 * 2**64))]
+    assert manifest["splits"]["val"]["bytes"] == sum(len(d.encode("utf-8")) for d in val_docs) > 0
+    cfg = tiny_config(data_path=str(folder), tokenizer=name)
+    assert data.val_bytes(cfg) == manifest["splits"]["val"]["bytes"]
+    run = dict(max_steps=2, num_blocks=1, tokenizer=name)
+    summary = train.train(run_config(tmp_path / "new", folder, run))
+    val_tokens = manifest["splits"]["val"]["tokens"]
+    expected = summary["final_val_loss"] * val_tokens / manifest["splits"]["val"]["bytes"] / math.log(2)
+    assert summary["final_val_bpb"] == pytest.approx(expected, rel=1e-12)
+    old = tmp_path / "old"  # the same folder with the bytes taken out of its manifest
+    shutil.copytree(folder, old)
+    for split in manifest["splits"].values():
+        del split["bytes"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert data.val_bytes(tiny_config(data_path=str(old), tokenizer=name)) is None
+    summary = train.train(run_config(tmp_path / "old_run", old, run))
+    assert summary["final_val_bpb"] is None and math.isfinite(summary["final_val_loss"])
+    final = json.loads((tmp_path / "old_run" / "runs" / "r" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["final"] is True and final["val_bpb"] is None
+
+
 def test_a_manifest_of_another_tokenizer_is_one_line(prepared):
     with pytest.raises(UserError, match=r"prepared with --tokenizer gpt2, not char; pass --tokenizer gpt2") as error:
         data.load_dataset(tiny_config(data_path=str(prepared["gpt2"]), tokenizer="char"))

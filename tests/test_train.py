@@ -80,6 +80,14 @@ def test_run_writes_config_and_metrics(synthetic_run):
     assert final["final"] is True and final["step"] == 60
     assert final["val_loss"] == pytest.approx(summary["final_val_loss"], abs=1e-5)
     assert summary["steps"] == 60 and summary["stopped_early"] is False
+    # bits per byte by hand: char on ASCII text is one byte per token, so it is the loss in nats / ln 2
+    _, _, val_ids = load_dataset(cfg)
+    text = Path(cfg.data_path).read_text(encoding="utf-8")
+    val_text = text[int(len(text) * (1 - cfg.val_frac)) :]
+    assert len(val_text.encode("utf-8")) == len(val_text) == len(val_ids)
+    assert final["val_targets"] == len(val_ids) - 1  # the whole split: every target once
+    assert summary["final_val_bpb"] == pytest.approx(summary["final_val_loss"] / math.log(2), rel=1e-12)
+    assert final["val_bpb"] == round(summary["final_val_bpb"], 5)
 
 
 def test_loss_decreases(synthetic_run):
@@ -191,6 +199,33 @@ def test_main_runs_from_the_command_line(tmp_path, capsys):
     assert train.main(argv) == 0
     assert "final val loss" in capsys.readouterr().out
     assert read_records(tmp_path / "runs" / "cli")[-1]["final"] is True
+
+
+def test_gpt2_bits_per_byte_of_a_non_ascii_text_under_a_val_tokens_budget(tmp_path, capsys):
+    """The final evaluation covers the first --val_tokens targets, the same every run; bits per byte scales the
+    split's bytes per token: loss x split tokens / split bytes / ln 2, from the val text's own UTF-8 bytes."""
+    text = "".join(f"Ünïcödé {i} — naïve café, 東京 {i * 7}.\n" for i in range(400))
+    data_path = write_text(tmp_path / "text.txt", text)
+    tiny = dict(num_blocks=1, num_heads=2, embedding_dim=32, context_len=16, batch_size=4, max_steps=2)
+    cfg = run_config(tmp_path, data_path, TRAINING, tiny, tokenizer="gpt2", val_tokens=70, run="bpe", save_model=True)
+    summary = train.train(cfg)
+    out = capsys.readouterr().out
+    _, _, val_ids = load_dataset(cfg)
+    val_bytes = len(text[int(len(text) * 0.9) :].encode("utf-8"))
+    assert val_bytes > len(text[int(len(text) * 0.9) :]) and len(val_ids) - 1 > 70  # non-ASCII; a real budget
+    final = read_records(tmp_path / "runs" / "bpe")[-1]
+    assert final["final"] is True and final["val_targets"] == 70
+    expected = summary["final_val_loss"] * len(val_ids) / val_bytes / math.log(2)
+    assert summary["final_val_bpb"] == pytest.approx(expected, rel=1e-12)
+    assert final["val_bpb"] == round(expected, 5)
+    assert "final evaluation on the first 70 val targets" in out
+    assert f"final val loss {summary['final_val_loss']:.4f} (first 70 val targets), {expected:.3f} bits/byte" in out
+    # the same windows every time: the loss redone on the first 70 targets is the run's
+    batches = full_val_batches(val_ids, 4, 16, 70)
+    assert sum(int((y != -1).sum()) for _, y in batches) == 70
+    model = load_checkpoint(tmp_path / "models" / "bpe")[0]
+    val = trainer.evaluate(model, batches, contextlib.nullcontext, torch.device("cpu"))
+    assert val == pytest.approx(summary["final_val_loss"], rel=1e-6)
 
 
 def test_tiny_shakespeare_char_learns(tmp_path, shakespeare_path):
