@@ -13,8 +13,6 @@ import hashlib
 import io
 import json
 import math
-import os
-import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import torch
 
 from config import Config, UserError
 from tokenizer import CharTokenizer, Tokenizer, build_tokenizer, tokenizer_from_dict
-from utils import atomic_write, check_regular_file, fsync_dir
+from utils import atomic_write, check_regular_file
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA_PATH = "data/tiny_shakespeare.txt"
@@ -350,19 +348,7 @@ def write_shard(path: Path, tokens: np.ndarray, version: int) -> None:
     a half-written shard under a shard's name."""
     path = Path(path)
     ids = np.ascontiguousarray(tokens, dtype=SHARD_DTYPES[version])
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared corpus from other users
-        with os.fdopen(fd, "wb") as f:
-            f.write(shard_header(len(ids), version))
-            f.write(memoryview(ids).cast("B"))  # no copy of the tokens
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    atomic_write(path, [shard_header(len(ids), version), memoryview(ids).cast("B")])  # (the tokens: no copy)
 
 
 def read_shard(path: str | Path) -> np.ndarray:

@@ -183,8 +183,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, payload: bytes | str) -> None:
-    """Write to a temp file in the same folder, fsync, rename: readers see the old file or the whole new one."""
+def atomic_write(path: Path, payload: bytes | str | list) -> None:
+    """Write to a temp file in the same folder, fsync, rename: readers see the old file or the whole new one.
+    `payload` may be a list of bytes-like pieces, written one after another without joining them (large shards)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     umask = os.umask(0)
@@ -192,7 +193,8 @@ def atomic_write(path: Path, payload: bytes | str) -> None:
     os.chmod(tmp, 0o666 & ~umask)  # the permissions of a file made with open(), not mkstemp's private 0600
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(payload.encode() if isinstance(payload, str) else payload)
+            for piece in payload if isinstance(payload, list) else [payload]:
+                f.write(piece.encode() if isinstance(piece, str) else piece)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
