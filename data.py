@@ -235,10 +235,32 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device)
 
 
+def permuted(index: torch.Tensor, n: int, key: int) -> torch.Tensor:
+    """A seeded bijection of range(n), computed for the given indices alone: a 4-round Feistel network over the
+    smallest even number of bits covering n, applied again to values that land past n (cycle-walking, which keeps
+    it a bijection of range(n)). No table of n entries: a corpus's window order costs no memory per window."""
+    bits = max(2, (n - 1).bit_length())
+    half = (bits + 1) // 2
+    mask = (1 << half) - 1
+    keys = [(key * 0x9E3779B97F4A7C15 + r * 0xBF58476D1CE4E5B9) & 0xFFFFFFFF for r in range(4)]
+    x = index.to(torch.int64).clone()
+    walking = torch.ones_like(x, dtype=torch.bool)
+    while walking.any():
+        left, right = x[walking] >> half, x[walking] & mask
+        for k in keys:
+            mixed = ((right * 0x85EBCA6B + k) & 0xFFFFFFFF) ^ (right >> 7)  # (products stay below 2**63)
+            left, right = right, left ^ (((mixed * 0xC2B2AE35) & 0xFFFFFFFF) >> 3 & mask)
+        x[walking] = (left << half) | right
+        walking = x >= n
+    return x
+
+
 class TrainBatches:
     """Epochs over the training tokens: each epoch cuts them into non-overlapping windows at a random offset and
     visits the windows in a random order, so an epoch is one pass over (almost) every token. The order depends
-    only on (seed, epoch), so (epoch, position) is the whole state of the iterator.
+    only on (seed, epoch), so (epoch, position) is the whole state of the iterator. Over a prepared corpus
+    (ShardTokens) the order is `permuted`, computed batch by batch, so memory does not grow with the corpus; over a
+    text's tensor it is a randperm table, as it always was (Tiny Shakespeare's runs stay comparable).
 
     With several ranks (torchrun) every rank walks the same order in global batches of batch_size x world_size
     windows and takes rows [rank * batch_size, (rank + 1) * batch_size) of each: W ranks see exactly the windows
@@ -272,18 +294,25 @@ class TrainBatches:
         """Micro-batches per epoch, counting one per rank-wide global batch."""
         return self.windows_per_epoch // self.global_batch
 
-    def _epoch_starts(self) -> torch.Tensor:
+    def _epoch_starts(self) -> torch.Tensor | None:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        offset = int(torch.randint(self.context_len, (1,), generator=generator))
+        self._offset = int(torch.randint(self.context_len, (1,), generator=generator))
+        if isinstance(self.tokens, ShardTokens):  # the order is computed per batch (see permuted)
+            self._key = int(torch.randint(2**31, (1,), generator=generator))
+            return None
         order = torch.randperm(self.windows_per_epoch, generator=generator)
-        return offset + order * self.context_len
+        return self._offset + order * self.context_len
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.position + self.global_batch > self.windows_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
             self._starts = self._epoch_starts()
         first = self.position + self.rank * self.batch_size  # this rank's rows of the global batch
-        starts = self._starts[first : first + self.batch_size]
+        if self._starts is None:
+            positions = torch.arange(first, first + self.batch_size)
+            starts = self._offset + permuted(positions, self.windows_per_epoch, self._key) * self.context_len
+        else:
+            starts = self._starts[first : first + self.batch_size]
         self.position += self.global_batch
         x, y = gather_windows(self.tokens, starts, self.context_len)
         return to_device(x, self.device), to_device(y, self.device)

@@ -72,15 +72,34 @@ def test_windows_across_shard_boundaries_equal_the_concatenated_tokens(prepared,
         train_ids.windows(torch.tensor([len(everything) - 3]), 4)
 
 
-def test_train_batches_over_shards_equal_those_over_the_tensor(prepared):
+def test_train_batches_over_shards_visit_every_window_once_per_epoch_on_any_rank_count(prepared):
+    """Over shards the order is computed per batch (no table); it is still one pass over every window an epoch,
+    and 2 ranks see exactly the windows of 1 rank with twice the rows."""
     train_ids = data.load_dataset(tiny_config(data_path=str(prepared["char"])))[1]
     everything = torch.from_numpy(concatenated(prepared["char"], "train"))
-    for rank in (0, 1):
-        shards, tensor = (data.TrainBatches(t, 4, 16, 7, torch.device("cpu"), rank, 2) for t in (train_ids, everything))
-        for _ in range(3 * shards.batches_per_epoch + 1):  # across epochs
-            (x, y), (x_ref, y_ref) = shards.next_batch(), tensor.next_batch()
-            assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
-        assert shards.state_dict() == tensor.state_dict()
+    one = data.TrainBatches(train_ids, 8, 16, 7, torch.device("cpu"))
+    ranks = [data.TrainBatches(train_ids, 4, 16, 7, torch.device("cpu"), rank, 2) for rank in (0, 1)]
+    for _epoch in range(2):
+        starts_seen = []
+        for b in range(one.batches_per_epoch):
+            x, _ = one.next_batch()
+            assert torch.equal(x, torch.cat([batches.next_batch()[0] for batches in ranks]))
+            positions = torch.arange(b * 8, (b + 1) * 8)  # (read after next_batch: a new epoch draws its key first)
+            starts = (one._offset + data.permuted(positions, one.windows_per_epoch, one._key) * 16).tolist()
+            assert torch.equal(x, torch.stack([everything[start : start + 16] for start in starts]))
+            starts_seen += starts
+        assert len(set(starts_seen)) == len(starts_seen) == one.batches_per_epoch * 8  # no window twice an epoch
+    assert ranks[0].state_dict() == ranks[1].state_dict() == one.state_dict()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097])
+def test_permuted_is_a_bijection_that_depends_on_its_key(n):
+    index = torch.arange(n)
+    perm = data.permuted(index, n, key=5)
+    assert sorted(perm.tolist()) == list(range(n))
+    if n >= 64:
+        assert not torch.equal(perm, data.permuted(index, n, key=6)) and not torch.equal(perm, index)
+    assert torch.equal(data.permuted(index[n // 2 :], n, key=5), perm[n // 2 :])  # any indices alone, same values
 
 
 RESUME = dict(max_steps=8, eval_every=4, log_every=2, save_model=True, save_every=4, keep_checkpoints=None, dropout=0.1)
