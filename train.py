@@ -91,10 +91,11 @@ def run(cfg: Config, ctx: Distributed, device: torch.device, stack: contextlib.E
 
         # --- the end: a signal skips (or cuts short) the final evaluation, never the save of a new step ---
         final_val = None if stop_signum else trainer.final_evaluation(state, signals)
+        (stop_signum,) = ctx.all_reduce(signals.signum or 0, op="max")  # every rank decides the save alike
+        signals.signum = signals.signum or int(stop_signum) or None  # (another rank's signal stops this one too)
         just_saved = state.last_checkpoint and state.last_checkpoint.name == f"step_{state.step:06d}"
         if cfg.save_model and not (signals.signum and (just_saved or state.step == first_step)):
             state.last_checkpoint = trainer.save(state)
-    signals.signum = signals.signum or int(stop_signum) or None  # (another rank's signal stops this one too)
     return trainer.finish(state, signals, final_val)
 
 
