@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from config import FIELDS, KINDS, MATCH, NOTICE, Config, UserError
+from config import FIELDS, KINDS, MATCH, NOTICE, Config, UserError, is_kind
 from model import GPT
 from tokenizer import check_tokenizer_dict
 from utils import atomic_write, fsync_dir, out_of_space
@@ -256,7 +256,7 @@ def check_config(config: Any) -> Config:
         raise ValueError(f"lacks {', '.join(missing[:4])}{f' and {len(missing) - 4} more' if len(missing) > 4 else ''}")
     for name, (kind, optional) in KINDS.items():
         value = config.get(name)
-        if name in config and not ((value is None and optional) or _is(value, kind)):
+        if name in config and not ((value is None and optional) or is_kind(value, kind)):
             what = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
             raise ValueError(f"{name} must be {what}{' or null' if optional else ''}, got {_json_repr(value)}")
     return Config.from_dict(config)
@@ -270,18 +270,11 @@ def check_state(state: Any, folder: Path) -> None:
     for key, low in (("step", 0), ("vocab_size", 1)):
         if key not in state:
             raise ValueError(f"lacks {key}")
-        if not _is(state[key], int) or state[key] < low:
+        if not is_kind(state[key], int) or state[key] < low:
             raise ValueError(f"{key} must be an integer >= {low}, got {_json_repr(state[key])}")
     number = folder.name.removeprefix("step_")
     if folder.name.startswith("step_") and number.isdigit() and int(number) != state["step"]:
         raise ValueError(f"step {state['step']} in the folder of step {int(number)}")
-
-
-def _is(value: Any, kind: type) -> bool:
-    """isinstance for JSON values: bool is not an int, and an int is a float."""
-    if kind is bool or isinstance(value, bool):
-        return kind is bool and isinstance(value, bool)
-    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
 
 
 def _json_type(value: Any) -> str:
@@ -389,7 +382,7 @@ def check_optimizer_states(states: Any, optimizers: list[torch.optim.Optimizer] 
         if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
             raise ValueError(f"{what}: a parameter group without its parameters")
         ids = [p for g in groups for p in g["params"]]
-        if not all(_is(p, int) for p in ids) or len(set(ids)) != len(ids):
+        if not all(is_kind(p, int) for p in ids) or len(set(ids)) != len(ids):
             raise ValueError(f"{what}: parameter ids that are not distinct integers")
         params = {}
         if optimizers is not None:
@@ -407,7 +400,7 @@ def check_optimizer_states(states: Any, optimizers: list[torch.optim.Optimizer] 
             for name, value in values.items():
                 tensor = value if isinstance(value, torch.Tensor) else None
                 if name == "step":  # (torch's one per-parameter number)
-                    fits = tensor.numel() == 1 if tensor is not None else _is(value, float)
+                    fits = tensor.numel() == 1 if tensor is not None else is_kind(value, float)
                 else:
                     fits = tensor is not None and (key not in params or tensor.shape == params[key].shape)
                 if not fits:
@@ -464,7 +457,7 @@ def check_rng_state(state: Any, world_size: Any = None) -> None:
         raise ValueError(f'"ranks" is {type(ranks).__name__}, not a list of generator states')
     for rank, other in enumerate(ranks, 1):
         _check_generators(other, f"rank {rank}: ")
-    if _is(world_size, int) and world_size >= 1 and len(ranks) != world_size - 1:
+    if is_kind(world_size, int) and world_size >= 1 and len(ranks) != world_size - 1:
         raise ValueError(f"the generators of {len(ranks) + 1} ranks, but state.json says world_size {world_size}")
 
 
@@ -482,8 +475,8 @@ def _check_generators(state: Any, rank: str) -> None:
         raise ValueError(f"{rank}the python generator state is invalid") from None
     try:
         kind, keys, position, has_gauss, cached = state["numpy"]
-        numbers = [_is(position, int), _is(has_gauss, int), _is(cached, float), isinstance(keys, list)]
-        if not all(numbers) or not all(_is(k, int) for k in keys):
+        numbers = [is_kind(position, int), is_kind(has_gauss, int), is_kind(cached, float), isinstance(keys, list)]
+        if not all(numbers) or not all(is_kind(k, int) for k in keys):
             raise TypeError
         np.random.RandomState().set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
     except Exception:

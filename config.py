@@ -268,8 +268,15 @@ INT_RANGES: dict[str, tuple[int, int, str]] = {
 }
 
 
+def is_kind(value: Any, kind: type) -> bool:
+    """isinstance for values read from flags or JSON: a bool is not an int, and an int is a float."""
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+
+
 def _check_float(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_kind(value, float):
         raise UserError(f"--{name} must be a number, got {value!r}")
     allowed = FLOAT_RANGES.get(name, FINITE)
     if not allowed.holds(value):
@@ -277,7 +284,7 @@ def _check_float(name: str, value: Any) -> None:
 
 
 def _check_int(name: str, value: Any, optional: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_kind(value, int):
         raise UserError(f"--{name} must be an integer{' or None' if optional else ''}, got {value!r}")
     low, high, why = INT_RANGES.get(name, (0, INT_CEILING, "a larger count is a typo"))
     if value < low:
@@ -401,9 +408,14 @@ def run_name_problem(name: str) -> str | None:
     return None
 
 
+def folder_name(name: str) -> str:
+    """`name` with every run of characters other than letters, digits, _, . and - made one -, trimmed of -."""
+    return re.sub(r"[^\w.-]+", "-", name).strip("-")
+
+
 def usable_run_name(name: str) -> str:
     """A name close to `name` that run_name_problem accepts (and records.run_name leaves as it is)."""
-    return re.sub(r"[^\w.-]+", "-", name).strip("-.")[:RUN_NAME_MAX].strip("-.") or "my-run"
+    return folder_name(name).strip("-.")[:RUN_NAME_MAX].strip("-.") or "my-run"
 
 
 def _saved_values(values: dict[str, Any]) -> dict[str, Any]:

@@ -10,12 +10,11 @@ import errno
 import itertools
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
 
-from config import Config, UserError
+from config import Config, UserError, folder_name
 from utils import FolderLock, atomic_write, check_regular_file, out_of_space
 
 
@@ -135,7 +134,7 @@ def lock_run(folders: list[Path]) -> list[FolderLock]:
 
 def run_name(asked: str | None) -> str:
     """--run made safe as a folder name ("a cool ablation" -> "a-cool-ablation"), or a timestamp."""
-    return re.sub(r"[^\w.-]+", "-", asked or "").strip("-") or time.strftime("run-%Y%m%d-%H%M%S")
+    return folder_name(asked or "") or time.strftime("run-%Y%m%d-%H%M%S")
 
 
 def start_wandb(cfg: Config, run_name: str, info: dict[str, Any], run_id: str | None = None):

@@ -19,7 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from checkpoint import rng_state, save_checkpoint
-from config import Config, UserError
+from config import Config, UserError, is_kind
 from data import TrainBatches, bits_per_byte, fixed_val_batches, full_val_batches, to_device
 from distributed import Distributed
 from inference import format_table, run_cases
@@ -92,10 +92,10 @@ def check_loop_state(state: dict[str, Any], folder: Path) -> None:
         )
 
     def number(value: Any, low: float = -math.inf) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value < math.inf
+        return is_kind(value, float) and low <= value < math.inf
 
     def count(value: Any, low: int = 0) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+        return is_kind(value, int) and value >= low
 
     batches = state["batches"]
     checks = {
