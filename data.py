@@ -1,28 +1,32 @@
-"""Text -> token ids -> batches.
-
-Tiny Shakespeare is downloaded (and verified) when missing; any UTF-8 file works with --data_path. The text is
-split 90/10 by characters (as nanoGPT does), each part tokenized once and cached on disk. Training batches are
-built by index arithmetic over one token tensor; validation batches are fixed so runs can be compared. A folder
-prepared by prepare.py is read from its shards instead: train tokens memory-mapped (ShardTokens), val loaded.
+"""Token shards -> batches. One loader for every --data_path: a folder prepared by prepare.py, llm.c-style .bin
+shards named by a glob, or a plain UTF-8 text file (Tiny Shakespeare is downloaded if it is the missing default),
+which prepare.py's code turns into a folder in data/cache/ on first use, split 90/10 by characters as nanoGPT does.
+Train and val tokens are memory-mapped (ShardTokens): resident memory does not grow with the corpus. Training
+batches visit the windows of each epoch in a seeded order computed batch by batch; validation batches are fixed so
+runs can be compared.
 """
 
 from __future__ import annotations
 
-import contextlib
+import atexit
+import glob
 import hashlib
-import io
 import json
 import math
+import shutil
+import tempfile
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from config import Config, UserError
-from tokenizer import CharTokenizer, Tokenizer, build_tokenizer, tokenizer_from_dict
-from utils import atomic_write, check_regular_file
+from prepare import prepare_text
+from shards import read_shard
+from tokenizer import Tokenizer, build_tokenizer, tokenizer_from_dict
+from utils import atomic_write, check_regular_file, check_writable
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_DATA_PATH = "data/tiny_shakespeare.txt"
@@ -57,8 +61,9 @@ def download_tiny_shakespeare(path: Path) -> None:
     atomic_write(path, payload)
 
 
-def read_text(data_path: str) -> tuple[str, str]:
-    """The text of --data_path and its sha256; Tiny Shakespeare is fetched if it is the missing default."""
+def text_file(data_path: str) -> Path:
+    """The text file --data_path names, checked before it is opened; Tiny Shakespeare is fetched if it is the
+    missing default."""
     path = resolve_data_path(data_path)
     if not path.exists():
         if data_path != DEFAULT_DATA_PATH:
@@ -67,123 +72,55 @@ def read_text(data_path: str) -> tuple[str, str]:
                 f"--data_path out to download Tiny Shakespeare to {DEFAULT_DATA_PATH}"
             )
         download_tiny_shakespeare(path)
-    # a folder, a FIFO or a device (/dev/zero) is refused before it is opened: reading one could never end
-    check_regular_file(path, "--data_path", "a UTF-8 text file")
+    # a FIFO or a device (/dev/zero) is refused before it is opened: reading one could never end
+    check_regular_file(path, "--data_path", "a UTF-8 text file, a folder prepared by prepare.py or a .bin glob")
     try:
-        payload = path.read_bytes()
+        open(path, "rb").close()
     except OSError as error:
         raise UserError(f"cannot read --data_path {data_path}: {error.strerror or error}") from None
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = payload[: error.start].count(b"\n") + 1
-        raise UserError(
-            f"{data_path} is not UTF-8: byte 0x{payload[error.start]:02x} at offset {error.start} (line {line}); "
-            "convert it, e.g. iconv -f latin1 -t utf-8"
-        ) from None
-    if not text.strip():
-        raise UserError(f"{data_path} is empty; give a text file with something to learn")
-    return text, hashlib.sha256(payload).hexdigest()
+    return path
 
 
-def _tokenize_cached(tokenizer: Tokenizer, text: str, key: str) -> np.ndarray:
-    """The ids of `text`, from data/cache/<key>.npy when that holds them; a damaged cache is rebuilt, with a note."""
-    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
-    cache = CACHE_DIR / f"{key}.npy"
-    if cache.exists() or cache.is_symlink():
-        ids, problem = _read_cache(cache, tokenizer, text, dtype)
-        if problem is None:
-            return ids
-        print(f"note: the token cache {cache} {problem}; tokenizing again", flush=True)
-    ids = np.array(tokenizer.encode(text), dtype=dtype)
-    buffer = io.BytesIO()
-    np.save(buffer, ids)
-    with contextlib.suppress(OSError):  # a read-only checkout just tokenizes every time
-        atomic_write(cache, buffer.getvalue())
-    return ids
+@dataclass
+class Dataset:
+    """What training reads: the tokenizer, train and val tokens (memory-mapped), and the val text's UTF-8 bytes for
+    bits per byte (None where unknown: .bin shards, or a manifest from before prepare.py counted them)."""
+
+    tokenizer: Tokenizer
+    train: ShardTokens
+    val: ShardTokens
+    val_bytes: int | None
 
 
-CACHE_CHECK_TOKENS = 256  # ids at each end of a cached array that are decoded and compared with the text
-
-
-def _read_cache(cache: Path, tokenizer: Tokenizer, text: str, dtype: np.dtype) -> tuple[Any, str | None]:
-    """(ids, None), or (None, what is wrong): not a regular file; not a .npy file of one-dimensional `dtype` ids
-    exactly as long as its header says (a truncated file is shorter); ids outside the vocabulary; a length the text
-    cannot have (one id per character for char, at most one per UTF-8 byte for BPE); ends that do not decode to the
-    text's ends. The header is checked before the data is read, so a damaged one cannot ask for a huge array."""
-    if not cache.is_file():  # a folder, a FIFO, a device or a dangling link: never opened
-        return None, "is not a regular file"
-    try:
-        with open(cache, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-            if version not in read_header:
-                return None, f"has .npy format version {version}, not the 1.0 or 2.0 it is written with"
-            shape, _, found = read_header[version](f)
-            if found != dtype or len(shape) != 1:
-                return None, f"holds {found} ids of shape {shape}, not one-dimensional {dtype} ones"
-            start, size = f.tell(), cache.stat().st_size
-            if size != start + shape[0] * dtype.itemsize:
-                return None, f"holds {size - start} bytes of ids where its header says {shape[0] * dtype.itemsize}"
-            ids = np.fromfile(f, dtype=dtype, count=shape[0])
-    except Exception as error:  # a damaged file fails in many ways (magic, version, header); all mean the same
-        return None, f"is not a readable .npy file ({type(error).__name__})"
-    if len(ids) != shape[0]:
-        return None, "is shorter than its header says"
-    if len(ids) and int(ids.max()) >= tokenizer.vocab_size:
-        return None, f"holds id {int(ids.max())}, outside the vocabulary of {tokenizer.vocab_size}"
-    if isinstance(tokenizer, CharTokenizer):
-        if len(ids) != len(text):
-            return None, f"holds {len(ids)} ids for {len(text)} characters"
-    elif len(ids) > len(text.encode("utf-8")) or (text and not len(ids)):
-        return None, f"holds {len(ids)} ids for {len(text.encode('utf-8'))} bytes of text"
-    # a run of ids decodes to exactly the text it covers; with BPE a character cut at either end shows as U+FFFD
-    n = CACHE_CHECK_TOKENS
-    head = tokenizer.decode(ids[:n].tolist()).rstrip("\ufffd")
-    tail = tokenizer.decode(ids[-n:].tolist()).lstrip("\ufffd") if len(ids) else ""
-    if not (text.startswith(head) and text.endswith(tail)):
-        return None, "does not decode to the text it was made from"
-    return ids, None
-
-
-def load_dataset(cfg: Config) -> tuple[Tokenizer, torch.Tensor, torch.Tensor]:
-    """(tokenizer, train ids, val ids): the first 1 - val_frac of the characters train, the rest validate. A folder
-    from prepare.py reads its shards instead (load_prepared)."""
-    folder = resolve_data_path(cfg.data_path)
-    if folder.is_dir():  # (a text file keeps the path below; one loader for both is a later step of issue 13)
-        tokenizer, train, val = load_prepared(cfg, folder)
-        check_split_lengths(cfg, train, val)
-        return tokenizer, train, val
-    text, digest = read_text(cfg.data_path)
-    tokenizer = build_tokenizer(cfg.tokenizer, text)
-    split = int(len(text) * (1 - cfg.val_frac))
-    with contextlib.suppress(OSError):  # unwritable: the ids are computed each time instead of cached
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    key = f"{digest[:16]}-{cfg.tokenizer}-{cfg.val_frac}"
-    train = torch.from_numpy(_tokenize_cached(tokenizer, text[:split], f"{key}-train").astype(np.int64))
-    val = torch.from_numpy(_tokenize_cached(tokenizer, text[split:], f"{key}-val").astype(np.int64))
-    check_split_lengths(cfg, train, val)
-    return tokenizer, train, val
-
-
-def val_bytes(cfg: Config) -> int | None:
-    """UTF-8 bytes of the validation split's text, for bits per byte: of text[split:] for a text file (read again:
-    load_dataset keeps only the ids), the manifest's count for a prepared folder (documents' bytes; separators count
-    0). None when they are unknown: a manifest from before prepare.py counted bytes, or a text file gone since."""
+def load_dataset(cfg: Config) -> Dataset:
+    """--data_path's tokens: a prepared folder, a .bin glob, or a text file prepared into data/cache/ on first use."""
     path = resolve_data_path(cfg.data_path)
     if path.is_dir():
-        try:
-            count = json.loads((path / "manifest.json").read_text(encoding="utf-8"))["splits"]["val"].get("bytes")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return None
-        return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else None
-    if not path.is_file():  # (read_text would download a missing default: not at the end of a run)
-        return None
+        dataset = load_prepared(cfg, path)
+    elif path.suffix == ".bin" or glob.has_magic(cfg.data_path):
+        dataset = load_bin_glob(cfg)
+    else:
+        dataset = load_text(cfg, text_file(cfg.data_path))
+    check_split_lengths(cfg, dataset.train, dataset.val)
+    return dataset
+
+
+def load_text(cfg: Config, path: Path) -> Dataset:
+    """A text file through its prepared folder in data/cache/ (a temporary folder when that is not writable); a
+    damaged one is prepared again, with a note."""
+    cache = CACHE_DIR
     try:
-        text, _ = read_text(cfg.data_path)
-    except UserError:  # changed since the run began: no bits per byte rather than no final record
-        return None
-    return len(text[int(len(text) * (1 - cfg.val_frac)) :].encode("utf-8"))
+        cache.mkdir(parents=True, exist_ok=True)
+        check_writable(cache, "the token cache")
+    except (OSError, UserError):  # a read-only checkout: prepared for this process alone
+        cache = Path(tempfile.mkdtemp(prefix="pair-transformer-tokens-"))
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    folder = prepare_text(path, cfg.data_path, cache, cfg.tokenizer, cfg.val_frac)
+    try:
+        return load_prepared(cfg, folder)
+    except UserError as error:
+        print(f"note: the token cache {folder} is damaged ({error}); preparing it again", flush=True)
+    return load_prepared(cfg, prepare_text(path, cfg.data_path, cache, cfg.tokenizer, cfg.val_frac, fresh=True))
 
 
 def bits_per_byte(loss: float, split_tokens: int, split_bytes: int | None) -> float | None:
@@ -195,7 +132,7 @@ def bits_per_byte(loss: float, split_tokens: int, split_bytes: int | None) -> fl
     return loss * split_tokens / split_bytes / math.log(2)
 
 
-def check_split_lengths(cfg: Config, train: torch.Tensor | ShardTokens, val: torch.Tensor) -> None:
+def check_split_lengths(cfg: Config, train: torch.Tensor | ShardTokens, val: torch.Tensor | ShardTokens) -> None:
     for name, ids in (("training", train), ("validation", val)):
         if len(ids) < cfg.context_len + 1:
             raise UserError(
@@ -204,9 +141,9 @@ def check_split_lengths(cfg: Config, train: torch.Tensor | ShardTokens, val: tor
             )
 
 
-def token_fingerprint(train: torch.Tensor | ShardTokens, val: torch.Tensor) -> dict[str, int | str]:
-    """What a resumed run checks it trains on the same tokens: counts and a short hash of the ids. For shards, a
-    hash of the manifest's shard list and sources instead: hashing 10B tokens would take minutes."""
+def token_fingerprint(train: torch.Tensor | ShardTokens, val: torch.Tensor | ShardTokens) -> dict[str, int | str]:
+    """What a resumed run checks it trains on the same tokens: counts and a short hash. For shards, the hash their
+    manifest gives (hashing 10B tokens would take minutes); for tensors, a hash of the ids."""
     if isinstance(train, ShardTokens):
         digest = train.digest
     else:
@@ -257,10 +194,9 @@ def permuted(index: torch.Tensor, n: int, key: int) -> torch.Tensor:
 
 class TrainBatches:
     """Epochs over the training tokens: each epoch cuts them into non-overlapping windows at a random offset and
-    visits the windows in a random order, so an epoch is one pass over (almost) every token. The order depends
-    only on (seed, epoch), so (epoch, position) is the whole state of the iterator. Over a prepared corpus
-    (ShardTokens) the order is `permuted`, computed batch by batch, so memory does not grow with the corpus; over a
-    text's tensor it is a randperm table, as it always was (Tiny Shakespeare's runs stay comparable).
+    visits the windows in a random order (`permuted`, computed batch by batch: no table, so memory does not grow with
+    the corpus), so an epoch is one pass over (almost) every token. The order depends only on (seed, epoch), so
+    (epoch, position) is the whole state of the iterator.
 
     With several ranks (torchrun) every rank walks the same order in global batches of batch_size x world_size
     windows and takes rows [rank * batch_size, (rank + 1) * batch_size) of each: W ranks see exactly the windows
@@ -287,34 +223,26 @@ class TrainBatches:
                 f"the training split holds {self.windows_per_epoch} windows of {context_len} tokens, fewer than "
                 f"--batch_size {batch_size}{ranks}; use a smaller --batch_size or --context_len"
             )
-        self._starts = self._epoch_starts()
+        self._start_epoch()
 
     @property
     def batches_per_epoch(self) -> int:
         """Micro-batches per epoch, counting one per rank-wide global batch."""
         return self.windows_per_epoch // self.global_batch
 
-    def _epoch_starts(self) -> torch.Tensor | None:
+    def _start_epoch(self) -> None:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         self._offset = int(torch.randint(self.context_len, (1,), generator=generator))
-        if isinstance(self.tokens, ShardTokens):  # the order is computed per batch (see permuted)
-            self._key = int(torch.randint(2**31, (1,), generator=generator))
-            return None
-        order = torch.randperm(self.windows_per_epoch, generator=generator)
-        return self._offset + order * self.context_len
+        self._key = int(torch.randint(2**31, (1,), generator=generator))
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.position + self.global_batch > self.windows_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
-            self._starts = self._epoch_starts()
+            self._start_epoch()
         first = self.position + self.rank * self.batch_size  # this rank's rows of the global batch
-        if self._starts is None:
-            positions = torch.arange(first, first + self.batch_size)
-            starts = self._offset + permuted(positions, self.windows_per_epoch, self._key) * self.context_len
-        else:
-            starts = self._starts[first : first + self.batch_size]
+        windows = permuted(torch.arange(first, first + self.batch_size), self.windows_per_epoch, self._key)
         self.position += self.global_batch
-        x, y = gather_windows(self.tokens, starts, self.context_len)
+        x, y = gather_windows(self.tokens, self._offset + windows * self.context_len, self.context_len)
         return to_device(x, self.device), to_device(y, self.device)
 
     def state_dict(self) -> dict[str, int]:
@@ -322,7 +250,7 @@ class TrainBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
-        self._starts = self._epoch_starts()
+        self._start_epoch()
 
 
 def fixed_val_batches(
@@ -351,70 +279,12 @@ def full_val_batches(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Token shards: llm.c's / modded-nanogpt's .bin format, so their pre-tokenized shards (FineWeb 10B) read as they are
-# and ours read in their code. A header of 256 little-endian int32 (magic, version, token count, the rest 0), then
-# the tokens: version 1 = uint16 (llm.c's), version 2 = uint32 (our extension, for vocabularies over 65,536 ids).
-
-SHARD_MAGIC = 20240520
-SHARD_HEADER_INTS = 256
-SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
-SHARD_DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
-
-
-def shard_version(vocab_size: int) -> int:
-    """1 (uint16, llm.c's) when every id fits 16 bits, else 2 (uint32)."""
-    return 1 if vocab_size <= 2**16 else 2
-
-
-def shard_header(num_tokens: int, version: int) -> bytes:
-    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
-    header[:3] = SHARD_MAGIC, version, num_tokens
-    return header.tobytes()
-
-
-def write_shard(path: Path, tokens: np.ndarray, version: int) -> None:
-    """Write one shard whole: a temp file in the same folder, fsynced, renamed, so a reader (or a rerun) never sees
-    a half-written shard under a shard's name."""
-    path = Path(path)
-    ids = np.ascontiguousarray(tokens, dtype=SHARD_DTYPES[version])
-    atomic_write(path, [shard_header(len(ids), version), memoryview(ids).cast("B")])  # (the tokens: no copy)
-
-
-def read_shard(path: str | Path) -> np.ndarray:
-    """The tokens of a .bin shard as a read-only memmap (nothing is read until used), after checking its header:
-    the magic, a known version, and a token count that matches the file's size exactly (a truncated copy fails)."""
-    path = check_regular_file(path, "shard", "a .bin token shard")
-    size = path.stat().st_size
-    if size < SHARD_HEADER_BYTES:
-        raise UserError(
-            f"shard {path} has {size} bytes, fewer than the {SHARD_HEADER_BYTES}-byte header; prepare it again"
-        )
-    magic, version, num_tokens = (int(v) for v in np.fromfile(path, dtype="<i4", count=3))
-    if magic != SHARD_MAGIC:
-        raise UserError(
-            f"shard {path} has magic {magic}, not {SHARD_MAGIC}: it is not an llm.c-format .bin token shard"
-        )
-    if version not in SHARD_DTYPES:
-        raise UserError(f"shard {path} has version {version}; known: 1 (uint16 tokens) and 2 (uint32 tokens)")
-    dtype = SHARD_DTYPES[version]
-    expected = SHARD_HEADER_BYTES + num_tokens * dtype.itemsize
-    if num_tokens < 0 or size != expected:
-        raise UserError(
-            f"shard {path} has {size} bytes, but its header's {num_tokens} tokens need {expected}: it is truncated "
-            "or damaged; prepare it again"
-        )
-    if num_tokens == 0:  # mmap cannot map zero bytes
-        return np.empty(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=SHARD_HEADER_BYTES, shape=(num_tokens,))
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Training from a folder prepared by prepare.py: its manifest.json and shards
 
 
 class ShardTokens:
-    """The train shards as one virtual token sequence, memory-mapped: nothing is read until a window is gathered,
-    so resident memory does not grow with the corpus. `digest` is the fingerprint's hash (token_fingerprint)."""
+    """Shards as one virtual token sequence, memory-mapped: nothing is read until a window is gathered, so resident
+    memory does not grow with the corpus. `digest` is the fingerprint's hash (token_fingerprint)."""
 
     def __init__(self, shards: list[np.ndarray], digest: str = ""):
         self.shards = [s for s in shards if len(s)]  # an empty shard holds no window and would only cost a lookup
@@ -429,7 +299,7 @@ class ShardTokens:
         out = np.empty((len(starts), length), dtype=np.int64)
         for row, start in enumerate(starts.tolist()):
             if start < 0 or start + length > len(self):
-                raise IndexError(f"window [{start}, {start + length}) outside the {len(self)} training tokens")
+                raise IndexError(f"window [{start}, {start + length}) outside the {len(self)} tokens")
             position, filled = start, 0
             while filled < length:  # one contiguous copy per shard the window touches (one, or two at an end)
                 shard = int(np.searchsorted(self.offsets, position, side="right")) - 1
@@ -439,9 +309,19 @@ class ShardTokens:
                 position, filled = position + take, filled + take
         return torch.from_numpy(out)
 
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Tokens [start, stop) as one int64 tensor (all of them by default: for small splits and tests)."""
+        stop = len(self) if stop is None else stop
+        return (
+            self.windows(torch.tensor([start]), stop - start)[0] if stop > start else torch.empty(0, dtype=torch.long)
+        )
 
-def load_prepared(cfg: Config, folder: Path) -> tuple[Tokenizer, ShardTokens, torch.Tensor]:
-    """(tokenizer, train tokens memory-mapped, val tokens loaded as int64) of a folder prepare.py wrote."""
+    def max(self) -> int:
+        return max((int(s.max()) for s in self.shards), default=-1)
+
+
+def load_prepared(cfg: Config, folder: Path) -> Dataset:
+    """A folder prepare.py wrote: its manifest's tokenizer, shards (each checked against the manifest) and counts."""
     path = folder / "manifest.json"
     if not path.exists():
         raise UserError(
@@ -455,7 +335,9 @@ def load_prepared(cfg: Config, folder: Path) -> tuple[Tokenizer, ShardTokens, to
         listed = {split: [(s["file"], int(s["tokens"])) for s in splits[split]["shards"]] for split in ("train", "val")}
         sources = [s["sha256"] for s in manifest["settings"]["sources"]]
         name = tokenizer_dict["name"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        val_bytes = splits["val"].get("bytes")
+        tokens_sha256 = manifest.get("tokens_sha256")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise UserError(
             f"{path} is not a manifest prepare.py wrote ({type(error).__name__}: {error}); prepare it again"
         ) from None
@@ -480,13 +362,51 @@ def load_prepared(cfg: Config, folder: Path) -> tuple[Tokenizer, ShardTokens, to
                     f"shard {folder / file} holds {len(ids)} tokens, its manifest says {count}; prepare it again"
                 )
             shards[split].append(ids)
-    # the fingerprint a resume compares: what the manifest says the tokens are, not the tokens themselves
+    # the fingerprint a resume compares: what the manifest says the tokens are, not the tokens themselves (a text
+    # file's manifest carries the hash of its ids, the fingerprint its runs had before it was prepared into shards)
     listing = json.dumps({"shards": listed, "sources": sources}, sort_keys=True).encode("utf-8")
-    train = ShardTokens(shards["train"], hashlib.sha256(listing).hexdigest()[:16])
-    val_ids = np.concatenate(shards["val"]) if shards["val"] else np.empty(0, np.int64)
-    val = torch.from_numpy(val_ids.astype(np.int64))  # the val split is small by design (0.1%)
-    if len(val) and int(val.max()) >= tokenizer.vocab_size:
+    digest = tokens_sha256[:16] if isinstance(tokens_sha256, str) else hashlib.sha256(listing).hexdigest()[:16]
+    train, val = ShardTokens(shards["train"], digest), ShardTokens(shards["val"])
+    check_vocabulary(val, tokenizer, f"{folder}'s val shards")
+    if not (isinstance(val_bytes, int) and not isinstance(val_bytes, bool) and val_bytes > 0):
+        val_bytes = None  # (a manifest from before prepare.py counted bytes)
+    return Dataset(tokenizer, train, val, val_bytes)
+
+
+def check_vocabulary(tokens: ShardTokens, tokenizer: Tokenizer, what: str) -> None:
+    """Ids past the vocabulary would index past the embedding; the val split is checked whole (it is small, and
+    a damaged shard shows there as well), the train split as it is read."""
+    if tokens.max() >= tokenizer.vocab_size:
+        raise UserError(f"{what} hold id {tokens.max()}, outside the vocabulary of {tokenizer.vocab_size}")
+
+
+def load_bin_glob(cfg: Config) -> Dataset:
+    """llm.c / modded-nanogpt shards as they are: --data_path names the train shards (a glob such as
+    fineweb10B/fineweb_train_*.bin, or one file); the val shards are the same name with "train" as "val". They carry
+    no vocabulary, so --tokenizer says what they hold; and no text, so no bits per byte."""
+    pattern = str(resolve_data_path(cfg.data_path))
+    head, tail = pattern.rsplit("/", 1) if "/" in pattern else ("", pattern)
+    if "train" not in tail:
         raise UserError(
-            f"{folder}'s val shards hold id {int(val.max())}, outside the vocabulary of {tokenizer.vocab_size}"
+            f"--data_path {cfg.data_path}: name the train shards (e.g. data/fineweb10B/fineweb_train_*.bin); the val "
+            "shards are found by putting val for train"
         )
-    return tokenizer, train, val
+    val_pattern = (head + "/" if head else "") + "val".join(tail.rsplit("train", 1))
+    if cfg.tokenizer == "char":
+        raise UserError(
+            f"--data_path {cfg.data_path}: .bin shards hold ids without their vocabulary; pass the --tokenizer they were "
+            "made with (llm.c's and modded-nanogpt's FineWeb shards: gpt2)"
+        )
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    found = {}
+    for split, where in (("train", pattern), ("val", val_pattern)):
+        files = sorted(glob.glob(where))
+        if not files:
+            raise UserError(f"--data_path {cfg.data_path}: no {split} shards match {where}")
+        found[split] = [(Path(file), read_shard(file)) for file in files]
+    listing = {split: [(p.name, len(ids)) for p, ids in files] for split, files in found.items()}
+    digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+    train = ShardTokens([ids for _, ids in found["train"]], digest)
+    val = ShardTokens([ids for _, ids in found["val"]])
+    check_vocabulary(val, tokenizer, f"the val shards {val_pattern}")
+    return Dataset(tokenizer, train, val, None)

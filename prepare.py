@@ -4,20 +4,23 @@ INPUT is files or folders (recursive, sorted): .txt (one document per file), .js
 line, its --text_field) and .parquet (the --text_field column, read a row group at a time). Documents are read in
 order in this process and tokenized on every core in chunks whose results come back in order, so the shards are
 the same for any --workers. Each document is preceded by the separator (tiktoken's <|endoftext|>, or U+0003 for
-char) and goes whole to train or val by a hash of its text. Shards are llm.c's .bin files (data.write_shard), each
-written whole; manifest.json is written last, so a folder without one is an unfinished run that a rerun redoes.
-See docs/data.md, "Preparing a corpus".
+char) and goes whole to train or val by a hash of its text. With --val_split end, one .txt file is split instead at a
+character (its last --val_frac is val, no separators: nanoGPT's split, and what a plain text --data_path gets in
+data/cache/). Shards are llm.c's .bin files (shards.write_shard), each written whole; manifest.json is written last,
+so a folder without one is an unfinished run that a rerun redoes. See docs/data.md, "Preparing a corpus".
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import gzip
 import hashlib
 import json
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import sys
 import zlib
@@ -29,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from config import OneLineParser, UserError
-from data import SHARD_DTYPES, SHARD_HEADER_BYTES, shard_version, write_shard
+from shards import SHARD_DTYPES, SHARD_HEADER_BYTES, shard_version, write_shard
 from tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer
 from utils import FolderLock, atomic_write, check_writable, human
 
@@ -37,6 +40,7 @@ FORMAT_VERSION = 1  # of manifest.json and the folder's layout
 KINDS = (".jsonl.gz", ".jsonl", ".txt", ".parquet")  # longest suffix first: a.jsonl.gz is jsonl.gz, not gz
 CHAR_SEPARATOR = "\x03"  # U+0003 END OF TEXT: the char tokenizer's document separator, one extra id
 VAL_RULE = "blake2b (8-byte digest) of the document's UTF-8 text, read as a little-endian integer, < val_frac * 2**64"
+END_RULE = "the text's last val_frac of characters: val starts at character int(characters * (1 - val_frac))"
 CHUNK_DOCS, CHUNK_BYTES = 1024, 4 << 20  # one task for a worker: big enough to amortize pickling, small to balance
 OUR_FILES = re.compile(
     r"^(manifest\.json|(train|val)_\d{6}\.bin)$|^\.(manifest\.json|(train|val)_\d{6}\.bin)\..*\.tmp$"
@@ -203,6 +207,86 @@ def file_sha256(path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# One text split at a character (--val_split end): read in blocks, never whole, and cut into pieces the workers
+# can encode apart
+
+TEXT_BLOCK = 4 << 20  # bytes read at a time
+
+
+def text_blocks(path: Path, name: str) -> Iterator[tuple[str, int]]:
+    """(text, bytes read) of a UTF-8 file, block by block (a character split across blocks is kept whole); a byte
+    that is not UTF-8 is a one-line error with its offset and line."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, newlines = 0, 0  # bytes and newlines before this block
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(TEXT_BLOCK)
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as error:  # error.object: the bytes held from the last block, then this one
+                held = len(error.object) - len(block)
+                line = newlines + error.object[: error.start].count(b"\n") + 1
+                raise UserError(
+                    f"{name} is not UTF-8: byte 0x{error.object[error.start]:02x} at offset "
+                    f"{offset - held + error.start} (line {line}); convert it, e.g. iconv -f latin1 -t utf-8"
+                ) from None
+            offset, newlines = offset + len(block), newlines + block.count(b"\n")
+            yield text, len(block)
+            if not block:
+                return
+
+
+def text_facts(path: Path, name: str) -> tuple[int, set[str]]:
+    """The first pass over a text: (characters, the set of them). An empty or blank text is refused."""
+    count, seen = 0, set()
+    for text, _ in text_blocks(path, name):
+        count += len(text)
+        seen.update(text)
+    if not seen - set(" \t\n\r\x0b\x0c"):
+        raise UserError(f"{name} is empty; give a text file with something to learn")
+    return count, seen
+
+
+def safe_cut(text: str, near: int, end: int) -> int | None:
+    """A position in text[:end] near `near` where the text may be cut and each side encoded apart with the same ids
+    as the whole: before a space between two letters. In both gpt2's and o200k_base's split patterns a run of letters
+    ends there and " " + letters begins a new pre-token, and BPE never merges across pre-tokens. None if none."""
+
+    def between_letters(at: int) -> bool:
+        return text[at - 1].isalpha() and at + 1 < end and text[at + 1].isalpha()
+
+    at = max(0, near - 1)
+    while (at := text.find(" ", at + 1, end)) > 0:  # the first after `near`, else the last before it
+        if between_letters(at):
+            return at
+    at = min(near, end)
+    while (at := text.rfind(" ", 1, at)) > 0:
+        if between_letters(at):
+            return at
+    return None
+
+
+def text_pieces(path: Path, name: str, split: int, piece_chars: int) -> Iterator[tuple[tuple[int, str, int], str]]:
+    """((bytes read, split, the piece's UTF-8 bytes), text) in order: the text cut at character `split` (train
+    before, val after) and within each side at safe_cut points about every piece_chars characters, so the pieces
+    encode to the ids of text[:split] and text[split:]."""
+    pending, position, consumed = "", 0, 0  # position: characters before `pending`
+    for block, size in text_blocks(path, name):
+        pending, consumed = pending + block, consumed + size
+        while True:
+            part = "train" if position < split else "val"
+            end = min(len(pending), split - position) if part == "train" else len(pending)  # this side's, in hand
+            cut = safe_cut(pending, piece_chars, end) if end >= piece_chars else None
+            if cut is None and part == "train" and end == split - position:
+                cut = end  # the split point is in hand and no earlier cut is due: cut there
+            if not cut:
+                break  # read on (a text without safe points is encoded in fewer, longer pieces)
+            yield (consumed, part, len(pending[:cut].encode("utf-8"))), pending[:cut]
+            pending, position, consumed = pending[cut:], position + cut, 0
+    yield (consumed, "train" if position < split else "val", len(pending.encode("utf-8"))), pending
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Workers: in each process, the tokenizer and the split rule; results come back in the order tasks went out
 
 _WORKER: dict[str, Any] = {}
@@ -220,7 +304,10 @@ def _init_worker(tokenizer: dict[str, Any] | None, val_frac: float, in_main: boo
         table = np.zeros(max(map(ord, chars)) + 1, dtype=np.uint32)  # code point -> id, one lookup per text
         table[[ord(c) for c in chars]] = np.arange(len(chars), dtype=np.uint32)
         _WORKER["encode"] = lambda texts: [table[np.frombuffer(t.encode("utf-32-le"), np.uint32)] for t in texts]
-        _WORKER["separator"], _WORKER["dtype"] = chars.index(CHAR_SEPARATOR), SHARD_DTYPES[shard_version(len(chars))]
+        _WORKER["separator"] = (
+            chars.index(CHAR_SEPARATOR) if CHAR_SEPARATOR in chars else None
+        )  # (none: --val_split end)
+        _WORKER["dtype"] = SHARD_DTYPES[shard_version(len(chars))]
     else:
         import tiktoken
 
@@ -250,6 +337,11 @@ def encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int, int, in
         size[split] += len(text.encode("utf-8"))
     train, val = (np.concatenate(parts[v]) if parts[v] else np.empty(0, dtype) for v in (False, True))
     return train, val, len(parts[False]) // 2, len(parts[True]) // 2, size[False], size[True]
+
+
+def encode_piece(text: str) -> np.ndarray:
+    """The ids of one piece of a text split at a character (--val_split end): no separators."""
+    return np.asarray(_WORKER["encode"]([text])[0], dtype=_WORKER["dtype"])
 
 
 def ordered_map(fn: Callable, items: Iterable[tuple[Any, Any]], workers: int, initargs: tuple) -> Iterator:
@@ -314,6 +406,7 @@ def settings_of(args: argparse.Namespace, sources: list[dict[str, Any]]) -> dict
         "tokenizer_name": args.tokenizer,
         "text_field": args.text_field,
         "val_frac": args.val_frac,
+        "val_split": args.val_split,
         "shard_tokens": args.shard_tokens,
         "sources": sources,
     }
@@ -333,6 +426,14 @@ def shards_intact(out: Path, manifest: dict[str, Any]) -> bool:
     return True
 
 
+def without_paths(settings: Any) -> Any:
+    """Settings as compared: the sources by content (bytes, sha256), so a moved or renamed input is the same corpus."""
+    try:
+        return {**settings, "sources": [{k: v for k, v in s.items() if k != "path"} for s in settings["sources"]]}
+    except (TypeError, KeyError, AttributeError):
+        return settings  # (damaged: it will differ)
+
+
 def prepare_out(out: Path, settings: dict[str, Any]) -> bool:
     """Make `out` ready for a fresh run (True), or see that it already holds this exact run (False)."""
     if not out.exists():
@@ -349,7 +450,7 @@ def prepare_out(out: Path, settings: dict[str, Any]) -> bool:
         settings_found = manifest["settings"]
     except (OSError, ValueError, KeyError, TypeError):
         manifest = settings_found = None  # none (an unfinished run), or one that describes nothing usable
-    if manifest is not None and settings_found != settings:
+    if manifest is not None and without_paths(settings_found) != without_paths(settings):
         raise UserError(
             f"--out {out} holds a corpus prepared from other inputs or settings (see its manifest.json); give "
             "another --out, or delete that folder to prepare it again"
@@ -357,7 +458,7 @@ def prepare_out(out: Path, settings: dict[str, Any]) -> bool:
     if manifest is not None and shards_intact(out, manifest):
         return False
     for path in out.iterdir():  # our own files from an unfinished (or damaged) run: start cleanly
-        path.unlink()
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     return True
 
 
@@ -381,6 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--val_frac", type=float, default=0.001, help="fraction of documents held out for validation, by text hash"
     )
+    parser.add_argument(
+        "--val_split",
+        default="document",
+        choices=("document", "end"),
+        help="document: whole documents by hash; end: the last --val_frac of one .txt file's characters",
+    )
     parser.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard (llm.c: 100M)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: every core)")
     return parser
@@ -393,35 +500,90 @@ def prepare(args: argparse.Namespace) -> int:
         raise UserError("--shard_tokens and --workers must be at least 1")
     out = Path(args.out)
     paths, skipped = find_sources(args.inputs, out)
+    if args.val_split == "end" and (len(paths) != 1 or kind_of(paths[0]) != ".txt"):
+        raise UserError("--val_split end splits one text at a character: give exactly one .txt file")
     check_writable(out, "--out")
     if any(kind_of(p) == ".parquet" for p in paths):
         require_pyarrow()  # before any work, not at the first parquet file
-    tokenizer = None if args.tokenizer == "char" else TiktokenTokenizer(args.tokenizer)  # fails early when offline
+    if args.tokenizer != "char":
+        TiktokenTokenizer(args.tokenizer)  # fails early when offline
     sizes = [p.stat().st_size for p in paths]
     with multiprocessing.Pool(min(args.workers, len(paths))) if args.workers > 1 else _Serial() as pool:
         hashes = pool.map(file_sha256, paths)
     sources = [{"path": str(p), "bytes": s, "sha256": h} for p, s, h in zip(paths, sizes, hashes, strict=True)]
-    settings = settings_of(args, sources)
-    with FolderLock(out) as lock:
-        if not lock.acquire():
-            raise UserError(f"--out {out} is being written by {lock.holder()}; wait for it or pick another --out")
-        if not prepare_out(out, settings):
-            print(f"{out} already holds this corpus prepared with these settings (manifest.json); nothing to do")
-            return 0
-        if tokenizer is None:
-            tokenizer = char_vocabulary(paths, args, sum(sizes))
-        manifest = write_shards(paths, args, tokenizer, out, sum(sizes))
-        manifest.update(settings=settings, skipped_files=skipped)
-        atomic_write(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=True) + "\n")
-    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
-    print(
-        f"{out}: train {human(train['tokens'])} tokens ({train['documents']} documents, {len(train['shards'])} "
-        f"shards), val {human(val['tokens'])} tokens ({val['documents']} documents) from {len(paths)} files"
-        + (f"; skipped {skipped} other files" if skipped else "")
-    )
-    if not val["documents"]:
+    manifest = prepare_locked(args, paths, sources, skipped=skipped)
+    if manifest is None:
+        print(f"{out} already holds this corpus prepared with these settings (manifest.json); nothing to do")
+        return 0
+    print(describe(out, manifest, len(paths)))
+    if not manifest["splits"]["val"]["documents"]:
         print("note: no document went to validation; raise --val_frac for a corpus this small")
     return 0
+
+
+def prepare_locked(
+    args: argparse.Namespace,
+    paths: list[Path],
+    sources: list[dict[str, Any]],
+    name: str | None = None,
+    skipped: int = 0,
+    wait: bool = False,
+    fresh: bool = False,
+) -> dict[str, Any] | None:
+    """Write args.out's shards and manifest with its lock held (or wait for it); None when it already holds them.
+    `fresh`: remove the folder first."""
+    out, settings = Path(args.out), settings_of(args, sources)
+    with FolderLock(out) as lock:
+        if not lock.acquire(wait=wait):
+            raise UserError(f"--out {out} is being written by {lock.holder()}; wait for it or pick another --out")
+        if fresh and out.exists():
+            shutil.rmtree(out)
+        if not prepare_out(out, settings):
+            return None
+        total = sum(source["bytes"] for source in sources)
+        if args.val_split == "end":
+            manifest = write_text_shards(paths[0], name or str(paths[0]), args, out, total)
+        else:
+            tokenizer = TiktokenTokenizer(args.tokenizer) if args.tokenizer != "char" else None
+            manifest = write_shards(paths, args, tokenizer or char_vocabulary(paths, args, total), out, total)
+        manifest.update(settings=settings, skipped_files=skipped)
+        atomic_write(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=True) + "\n")
+    return manifest
+
+
+def prepare_text(path: Path, name: str, cache: Path, tokenizer: str, val_frac: float, fresh: bool = False) -> Path:
+    """A plain text file as a prepared folder under `cache` (made on first use, by this module's code): split at a
+    character like nanoGPT (--val_split end), in a folder named by the text's hash and the settings. Several
+    processes (torchrun's ranks) may ask at once: one prepares, the others wait for its lock and then read. `fresh`:
+    delete what the folder holds first (it was found damaged)."""
+    digest = file_sha256(path)
+    out = cache / f"{digest[:16]}-{tokenizer}-{val_frac}"
+    size = path.stat().st_size
+    args = argparse.Namespace(
+        out=str(out),
+        tokenizer=tokenizer,
+        text_field="text",
+        val_frac=val_frac,
+        val_split="end",
+        shard_tokens=100_000_000,
+        workers=max(1, min(os.cpu_count() or 1, size // CHUNK_BYTES)),  # (Tiny Shakespeare: one process)
+    )
+    source = {"path": str(path), "bytes": size, "sha256": digest}
+    manifest = prepare_locked(args, [path], [source], name, wait=True, fresh=fresh)
+    if manifest is not None:
+        train, val = (manifest["splits"][split]["tokens"] for split in ("train", "val"))
+        print(f"prepared {name} into {out}: {human(train)} train / {human(val)} val tokens", flush=True)
+    return out
+
+
+def describe(out: Path, manifest: dict[str, Any], files: int) -> str:
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    skipped = manifest.get("skipped_files")
+    return (
+        f"{out}: train {human(train['tokens'])} tokens ({train['documents']} documents, {len(train['shards'])} "
+        f"shards), val {human(val['tokens'])} tokens ({val['documents']} documents) from {files} files"
+        + (f"; skipped {skipped} other files" if skipped else "")
+    )
 
 
 class _Serial:
@@ -502,6 +664,41 @@ def write_shards(
         separator = {"id": tokenizer.chars.index(CHAR_SEPARATOR), "text": CHAR_SEPARATOR}
     else:
         separator = {"id": tokenizer.start_id, "text": "<|endoftext|>"}
+    val_split = {"rule": VAL_RULE, "val_frac": args.val_frac, "unit": "document"}
+    return manifest_of(tokenizer, writers, {**separator, "placement": "before every document"}, val_split)
+
+
+def write_text_shards(path: Path, name: str, args: argparse.Namespace, out: Path, total: int) -> dict[str, Any]:
+    """One text split at a character (--val_split end): a first pass counts its characters (and for char collects
+    them: the vocabulary, with no separator), the second tokenizes it in pieces on every core."""
+    count, seen = text_facts(path, name)
+    tokenizer = CharTokenizer("".join(sorted(seen))) if args.tokenizer == "char" else TiktokenTokenizer(args.tokenizer)
+    split = int(count * (1 - args.val_frac))
+    version = shard_version(tokenizer.vocab_size)
+    writers = {part: ShardWriter(out, part, args.shard_tokens, version) for part in ("train", "val")}
+    tokens_sha256 = hashlib.sha256()  # of the ids as int64, train then val: the fingerprint runs had before shards
+    bar = progress_bar(total, "tokenizing")
+    try:
+        pieces = text_pieces(path, name, split, CHUNK_BYTES)
+        for (consumed, part, size), ids in ordered_map(encode_piece, pieces, args.workers, (tokenizer.to_dict(), 0)):
+            writers[part].add(ids, 0, size)
+            tokens_sha256.update(ids.astype(np.int64).tobytes())
+            bar.update(consumed)
+        for writer in writers.values():
+            writer.documents = int(writer.tokens > 0)  # the text's two parts
+            writer.flush()
+    finally:
+        bar.close()
+    val_split = {"rule": END_RULE, "val_frac": args.val_frac, "unit": "character", "val_starts_at": split}
+    manifest = manifest_of(tokenizer, writers, None, val_split)
+    return {**manifest, "tokens_sha256": tokens_sha256.hexdigest()}
+
+
+def manifest_of(
+    tokenizer: Tokenizer, writers: dict[str, ShardWriter], separator: dict[str, Any] | None, val_split: dict[str, Any]
+) -> dict[str, Any]:
+    """The manifest's contents, settings aside."""
+    version = writers["train"].version
     return {
         "format": "pair-transformer token shards",
         "format_version": FORMAT_VERSION,
@@ -510,8 +707,8 @@ def write_shards(
         "dtype": SHARD_DTYPES[version].name,
         "tokenizer": tokenizer.to_dict(),
         "vocab_size": tokenizer.vocab_size,
-        "separator": {**separator, "placement": "before every document"},
-        "val_split": {"rule": VAL_RULE, "val_frac": args.val_frac, "unit": "document"},
+        "separator": separator,
+        "val_split": val_split,
         "splits": {split: writer.summary() for split, writer in writers.items()},
     }
 

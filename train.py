@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from checkpoint import Resume, read_resume, saved_config
 from config import Config, UserError, parse_args
-from data import TrainBatches, load_dataset, to_device, token_fingerprint, val_bytes
+from data import TrainBatches, load_dataset, to_device, token_fingerprint
 from distributed import Distributed, init_distributed
 from model import GPT
 from optimizer import Muon, build_optimizers
@@ -119,8 +119,8 @@ def setup(
     if device.type == "cpu" and cfg.preset is None and cfg.embedding_dim * cfg.context_len >= 512 * 1024:
         print("notice: these are the GPU-sized defaults and will be slow on a CPU; try --preset cpu", flush=True)
 
-    tokenizer, train_ids, val_ids = load_dataset(cfg)
-    split_bytes = val_bytes(cfg)  # (now: the text read at the end might have changed)
+    dataset = load_dataset(cfg)
+    tokenizer, train_ids, val_ids = dataset.tokenizer, dataset.train, dataset.val
     model = GPT(cfg, tokenizer.vocab_size).to(device)
     optimizers = build_optimizers(model, cfg, compile_it, ctx.rank, ctx.world_size)
     batches = TrainBatches(train_ids, cfg.batch_size, cfg.context_len, cfg.seed, device, ctx.rank, ctx.world_size)
@@ -163,7 +163,7 @@ def setup(
         recorder,
         save_dir,
         peak,
-        split_bytes,
+        dataset.val_bytes,
     )
     precision = f"{str(dtype).removeprefix('torch.')}, compile {'on' if compile_it else 'off'}"
     print_banner(trainer, state, resume, precision, peak_source)

@@ -138,14 +138,14 @@ class FolderLock:
     def __init__(self, folder: Path):
         self.folder, self.path, self.handle = Path(folder), Path(folder).parent / f".{Path(folder).name}.lock", None
 
-    def acquire(self) -> bool:
-        """Take the lock; False (and nothing held) when another process holds it."""
+    def acquire(self, wait: bool = False) -> bool:
+        """Take the lock; False (and nothing held) when another process holds it, or with `wait`, once it is free."""
         if fcntl is None:
             return True
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")  # noqa: SIM115 (held until release)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError:
             handle.close()
             return False

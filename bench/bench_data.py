@@ -175,7 +175,7 @@ def train_run(data_path: str, tokenizer: str, steps: int, runs_dir: Path, name: 
 
 def loader_ms(cfg, batches: int) -> float:
     """Median ms of TrainBatches.next_batch over cfg.data_path's training tokens at cfg's batch shape."""
-    _, train, _ = load_dataset(cfg)
+    train = load_dataset(cfg).train
     loader = TrainBatches(train, cfg.batch_size, cfg.context_len, cfg.seed, resolve_device(cfg.device))
     for _ in range(10):  # the first windows touch cold pages of the memory map
         loader.next_batch()

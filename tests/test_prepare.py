@@ -1,4 +1,4 @@
-"""prepare.py and the shard format in data.py: tiny generated corpora in tmp folders, offline tokenizers."""
+"""prepare.py and the shard format (shards.py): tiny generated corpora in tmp folders, offline tokenizers."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 import tiktoken
 from conftest import REPO
 
-import data
 import prepare
+import shards
 from config import UserError
 
 DOCS = {  # file -> its documents, in the order prepare reads them (sorted paths)
@@ -48,8 +48,8 @@ def run(*argv: object) -> int:
 
 
 def split_tokens(out: Path, split: str) -> np.ndarray:
-    shards = sorted(out.glob(f"{split}_*.bin"))
-    return np.concatenate([data.read_shard(p) for p in shards]) if shards else np.empty(0, np.int64)
+    files = sorted(out.glob(f"{split}_*.bin"))
+    return np.concatenate([shards.read_shard(p) for p in files]) if files else np.empty(0, np.int64)
 
 
 def expected_tokens(docs: list[str], name: str) -> np.ndarray:
@@ -110,7 +110,7 @@ def test_workers_and_shard_boundaries_do_not_change_the_output(tmp_path):
 def test_o200k_shards_are_uint32(tmp_path):
     corpus, out = make_corpus(tmp_path), tmp_path / "out"
     assert run(corpus, "--out", out, "--tokenizer", "o200k_base", "--val_frac", 0, "--workers", 1) == 0
-    tokens = data.read_shard(out / "train_000000.bin")
+    tokens = shards.read_shard(out / "train_000000.bin")
     assert tokens.dtype == np.uint32 and np.array_equal(tokens, expected_tokens(all_docs(), "o200k_base"))
     assert json.loads((out / "manifest.json").read_text())["shard_version"] == 2
 
@@ -127,11 +127,11 @@ def reference_shard(path: Path, tokens: np.ndarray, magic=20240520, version=1, c
 
 def test_reference_shards_read_back_exactly(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 50257, 1000)
-    assert np.array_equal(data.read_shard(reference_shard(tmp_path / "a.bin", tokens)), tokens)
-    assert np.array_equal(data.read_shard(reference_shard(tmp_path / "b.bin", tokens, version=2)), tokens)
-    data.write_shard(tmp_path / "c.bin", tokens, 1)  # ours is byte for byte llm.c's
+    assert np.array_equal(shards.read_shard(reference_shard(tmp_path / "a.bin", tokens)), tokens)
+    assert np.array_equal(shards.read_shard(reference_shard(tmp_path / "b.bin", tokens, version=2)), tokens)
+    shards.write_shard(tmp_path / "c.bin", tokens, 1)  # ours is byte for byte llm.c's
     assert (tmp_path / "c.bin").read_bytes() == (tmp_path / "a.bin").read_bytes()
-    assert len(data.read_shard(reference_shard(tmp_path / "e.bin", tokens[:0]))) == 0
+    assert len(shards.read_shard(reference_shard(tmp_path / "e.bin", tokens[:0]))) == 0
 
 
 @pytest.mark.parametrize(
@@ -146,18 +146,18 @@ def test_reference_shards_read_back_exactly(tmp_path):
 def test_a_damaged_header_is_one_line_naming_the_file(tmp_path, damage, words):
     path = reference_shard(tmp_path / "bad.bin", np.arange(1000), **damage)
     with pytest.raises(UserError) as error:
-        data.read_shard(path)
+        shards.read_shard(path)
     assert words in str(error.value) and str(path) in str(error.value) and "\n" not in str(error.value)
     (tmp_path / "short.bin").write_bytes(b"\0" * 100)
     with pytest.raises(UserError, match="fewer than the 1024-byte header"):
-        data.read_shard(tmp_path / "short.bin")
+        shards.read_shard(tmp_path / "short.bin")
 
 
 def test_an_interrupted_prepare_reruns_to_the_same_output(tmp_path, monkeypatch, capsys):
     corpus = make_corpus(tmp_path)
     args = ("--val_frac", 0.4, "--shard_tokens", 5, "--workers", 1)
     assert run(corpus, "--out", tmp_path / "clean", *args) == 0
-    calls, write = [], data.write_shard
+    calls, write = [], shards.write_shard
 
     def interrupted(*a):
         calls.append(1)

@@ -15,6 +15,7 @@ from conftest import assert_same_state, run_config, step_losses, synthetic_text,
 
 import data
 import prepare
+import shards
 import train
 from config import UserError
 
@@ -38,28 +39,29 @@ def prepared(tmp_path_factory) -> dict[str, Path]:
 
 
 def concatenated(folder: Path, split: str) -> np.ndarray:
-    return np.concatenate([data.read_shard(p) for p in sorted(folder.glob(f"{split}_*.bin"))]).astype(np.int64)
+    return np.concatenate([shards.read_shard(p) for p in sorted(folder.glob(f"{split}_*.bin"))]).astype(np.int64)
 
 
 @pytest.mark.parametrize("name", ["char", "gpt2"])
 def test_load_dataset_gives_the_tokens_of_the_shards(prepared, name):
     folder = prepared[name]
     assert len(list(folder.glob("train_*.bin"))) >= 3  # the boundaries below are real
-    tokenizer, train_ids, val_ids = data.load_dataset(tiny_config(data_path=str(folder), tokenizer=name))
+    dataset = data.load_dataset(tiny_config(data_path=str(folder), tokenizer=name))
+    tokenizer, train_ids, val_ids = dataset.tokenizer, dataset.train, dataset.val
     manifest = json.loads((folder / "manifest.json").read_text())
     assert tokenizer.to_dict() == manifest["tokenizer"]
     assert isinstance(train_ids, data.ShardTokens) and all(isinstance(s, np.memmap) for s in train_ids.shards)
     everything = concatenated(folder, "train")
     assert len(train_ids) == len(everything) == manifest["splits"]["train"]["tokens"]
     assert torch.equal(train_ids.windows(torch.tensor([0]), len(everything))[0], torch.from_numpy(everything))
-    assert val_ids.dtype == torch.int64 and torch.equal(val_ids, torch.from_numpy(concatenated(folder, "val")))
+    assert torch.equal(val_ids.read(), torch.from_numpy(concatenated(folder, "val")))
     fingerprint = data.token_fingerprint(train_ids, val_ids)
     assert fingerprint["train_tokens"] == len(everything) and fingerprint["val_tokens"] == len(val_ids)
 
 
 @pytest.mark.parametrize("name", ["char", "gpt2"])
 def test_windows_across_shard_boundaries_equal_the_concatenated_tokens(prepared, name):
-    train_ids = data.load_dataset(tiny_config(data_path=str(prepared[name]), tokenizer=name))[1]
+    train_ids = data.load_dataset(tiny_config(data_path=str(prepared[name]), tokenizer=name)).train
     everything = torch.from_numpy(concatenated(prepared[name], "train"))
     boundary = int(train_ids.offsets[1])
     length = int(train_ids.offsets[2] - train_ids.offsets[1]) + 10  # a window over a whole shard and both its ends
@@ -75,7 +77,7 @@ def test_windows_across_shard_boundaries_equal_the_concatenated_tokens(prepared,
 def test_train_batches_over_shards_visit_every_window_once_per_epoch_on_any_rank_count(prepared):
     """Over shards the order is computed per batch (no table); it is still one pass over every window an epoch,
     and 2 ranks see exactly the windows of 1 rank with twice the rows."""
-    train_ids = data.load_dataset(tiny_config(data_path=str(prepared["char"])))[1]
+    train_ids = data.load_dataset(tiny_config(data_path=str(prepared["char"]))).train
     everything = torch.from_numpy(concatenated(prepared["char"], "train"))
     one = data.TrainBatches(train_ids, 8, 16, 7, torch.device("cpu"))
     ranks = [data.TrainBatches(train_ids, 4, 16, 7, torch.device("cpu"), rank, 2) for rank in (0, 1)]
@@ -130,7 +132,7 @@ def test_a_prepared_folder_gives_bits_per_byte_from_its_manifest_bytes(prepared,
     val_docs = [d for d in docs if prepare.is_val(d, int(0.2 * 2**64))]
     assert manifest["splits"]["val"]["bytes"] == sum(len(d.encode("utf-8")) for d in val_docs) > 0
     cfg = tiny_config(data_path=str(folder), tokenizer=name)
-    assert data.val_bytes(cfg) == manifest["splits"]["val"]["bytes"]
+    assert data.load_dataset(cfg).val_bytes == manifest["splits"]["val"]["bytes"]
     run = dict(max_steps=2, num_blocks=1, tokenizer=name)
     summary = train.train(run_config(tmp_path / "new", folder, run))
     val_tokens = manifest["splits"]["val"]["tokens"]
@@ -141,7 +143,7 @@ def test_a_prepared_folder_gives_bits_per_byte_from_its_manifest_bytes(prepared,
     for split in manifest["splits"].values():
         del split["bytes"]
     (old / "manifest.json").write_text(json.dumps(manifest))
-    assert data.val_bytes(tiny_config(data_path=str(old), tokenizer=name)) is None
+    assert data.load_dataset(tiny_config(data_path=str(old), tokenizer=name)).val_bytes is None
     summary = train.train(run_config(tmp_path / "old_run", old, run))
     assert summary["final_val_bpb"] is None and math.isfinite(summary["final_val_loss"])
     final = json.loads((tmp_path / "old_run" / "runs" / "r" / "metrics.jsonl").read_text().splitlines()[-1])

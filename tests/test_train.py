@@ -81,7 +81,7 @@ def test_run_writes_config_and_metrics(synthetic_run):
     assert final["val_loss"] == pytest.approx(summary["final_val_loss"], abs=1e-5)
     assert summary["steps"] == 60 and summary["stopped_early"] is False
     # bits per byte by hand: char on ASCII text is one byte per token, so it is the loss in nats / ln 2
-    _, _, val_ids = load_dataset(cfg)
+    val_ids = load_dataset(cfg).val
     text = Path(cfg.data_path).read_text(encoding="utf-8")
     val_text = text[int(len(text) * (1 - cfg.val_frac)) :]
     assert len(val_text.encode("utf-8")) == len(val_text) == len(val_ids)
@@ -113,7 +113,7 @@ def test_checkpoint_reloads_to_the_trained_model(synthetic_run):
     assert state["step"] == 60 and state["run"] == "synthetic"
     assert model.cfg == cfg
     # the final evaluation, redone with the reloaded weights, gives the same number
-    _, _, val_ids = load_dataset(cfg)
+    val_ids = load_dataset(cfg).val
     val = trainer.evaluate(
         model, full_val_batches(val_ids, cfg.batch_size, cfg.context_len), contextlib.nullcontext, torch.device("cpu")
     )
@@ -136,7 +136,7 @@ def test_state_json_is_the_loop_state_and_loads_back(synthetic_run):
     cfg, _ = synthetic_run
     folder = cfg_runs(cfg).parent / "models" / "synthetic" / "step_000030"
     saved = json.loads((folder / "state.json").read_text())
-    _, train_ids, _ = load_dataset(cfg)
+    train_ids = load_dataset(cfg).train
     batches = TrainBatches(train_ids, cfg.batch_size, cfg.context_len, cfg.seed, torch.device("cpu"))
     state = trainer.LoopState(batches=batches)
     assert set(saved) == set(state.state_dict()) | {"vocab_size"}
@@ -176,7 +176,7 @@ def test_epochs_mode_runs_whole_epochs(tmp_path):
     data_path = write_text(tmp_path / "text.txt", synthetic_text(2_500))
     common = dict(num_blocks=1, embedding_dim=32, context_len=16, batch_size=4, accumulation_steps=2, log_every=1000)
     cfg = run_config(tmp_path, data_path, TRAINING, run="epochs", max_steps=None, epochs=2, **common)
-    _, train_ids, _ = load_dataset(cfg)
+    train_ids = load_dataset(cfg).train
     batches_per_epoch = TrainBatches(train_ids, 4, 16, cfg.seed, torch.device("cpu")).batches_per_epoch
     summary = train.train(cfg)
     assert summary["steps"] == 2 * (batches_per_epoch // 2)
@@ -210,7 +210,7 @@ def test_gpt2_bits_per_byte_of_a_non_ascii_text_under_a_val_tokens_budget(tmp_pa
     cfg = run_config(tmp_path, data_path, TRAINING, tiny, tokenizer="gpt2", val_tokens=70, run="bpe", save_model=True)
     summary = train.train(cfg)
     out = capsys.readouterr().out
-    _, _, val_ids = load_dataset(cfg)
+    val_ids = load_dataset(cfg).val
     val_bytes = len(text[int(len(text) * 0.9) :].encode("utf-8"))
     assert val_bytes > len(text[int(len(text) * 0.9) :]) and len(val_ids) - 1 > 70  # non-ASCII; a real budget
     final = read_records(tmp_path / "runs" / "bpe")[-1]
