@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import math
+import re
 import shutil
 import tempfile
 import urllib.request
@@ -382,8 +383,9 @@ def check_vocabulary(tokens: ShardTokens, tokenizer: Tokenizer, what: str) -> No
 
 def load_bin_glob(cfg: Config) -> Dataset:
     """llm.c / modded-nanogpt shards as they are: --data_path names the train shards (a glob such as
-    fineweb10B/fineweb_train_*.bin, or one file); the val shards are the same name with "train" as "val". They carry
-    no vocabulary, so --tokenizer says what they hold; and no text, so no bits per byte."""
+    fineweb10B/fineweb_train_*.bin, or one file); the val shards are the same name with "val" for "train" and any
+    digits after it as wildcards (fineweb_val_*.bin). They carry no vocabulary, so --tokenizer says what they hold;
+    and no text, so no bits per byte."""
     pattern = str(resolve_data_path(cfg.data_path))
     head, tail = pattern.rsplit("/", 1) if "/" in pattern else ("", pattern)
     if "train" not in tail:
@@ -391,7 +393,8 @@ def load_bin_glob(cfg: Config) -> Dataset:
             f"--data_path {cfg.data_path}: name the train shards (e.g. data/fineweb10B/fineweb_train_*.bin); the val "
             "shards are found by putting val for train"
         )
-    val_pattern = (head + "/" if head else "") + "val".join(tail.rsplit("train", 1))
+    before, after = tail.rsplit("train", 1)  # fineweb_train_000001.bin or fineweb_train_*.bin -> fineweb_val_*.bin
+    val_pattern = (head + "/" if head else "") + before + "val" + re.sub(r"\d+", "*", after)
     if cfg.tokenizer == "char":
         raise UserError(
             f"--data_path {cfg.data_path}: .bin shards hold ids without their vocabulary; pass the --tokenizer they were "

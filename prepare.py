@@ -1,9 +1,9 @@
 """Corpus -> token shards: `uv run prepare.py INPUT... --out DIR --tokenizer gpt2|o200k_base|char`.
 
 INPUT is files or folders (recursive, sorted): .txt (one document per file), .jsonl / .jsonl.gz (one document per
-line, its --text_field) and .parquet (the --text_field column, read a row group at a time). Documents are read in
-order in this process and tokenized on every core in chunks whose results come back in order, so the shards are
-the same for any --workers. Each document is preceded by the separator (tiktoken's <|endoftext|>, or U+0003 for
+line, its --text_field) and .parquet (the --text_field column, a row group at a time). This process only cuts the
+files into raw documents, in order; they are decoded, parsed and tokenized on every core in chunks whose results
+come back in order, so the shards are the same for any --workers. Each document is preceded by the separator (tiktoken's <|endoftext|>, or U+0003 for
 char) and goes whole to train or val by a hash of its text. With --val_split end, one .txt file is split instead at a
 character (its last --val_frac is val, no separators: nanoGPT's split, and what a plain text --data_path gets in
 data/cache/). Shards are llm.c's .bin files (shards.write_shard), each written whole; manifest.json is written last,
@@ -98,36 +98,33 @@ def _decode(payload: bytes, where: str, offset: int = 0) -> str:
         ) from None
 
 
-def read_txt(path: Path, text_field: str) -> Iterator[tuple[str | None, int]]:
+# The readers run in the main process and only cut each file into raw documents: ("txt", path, bytes), ("json",
+# where, offset, line bytes) or ("parquet", path, row group, first row); decoding, JSON and row groups are parsed
+# in the workers (`parse`), so the main process's share of the work stays small on every core count.
+Raw = tuple
+
+
+def read_txt(path: Path) -> Iterator[tuple[Raw | None, int]]:
     payload = path.read_bytes()  # one document: a file is held while it is read, never the corpus
-    yield _decode(payload, str(path)), len(payload)
+    yield ("txt", str(path), payload), len(payload)
 
 
-def read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str | None, int]]:
-    """Each non-blank line's text_field; progress in bytes of the file on disk (compressed for .gz)."""
+def read_jsonl(path: Path) -> Iterator[tuple[Raw | None, int]]:
+    """Each non-blank line; progress in bytes of the file on disk (compressed for .gz)."""
     gz = path.name.endswith(".gz")
     with open(path, "rb") as raw:
         lines = gzip.open(raw) if gz else raw  # noqa: SIM115 (closed with raw)
         offset, done = 0, 0  # byte offset in the (decompressed) text; bytes of the file reported so far
         try:
             for lineno, line in enumerate(lines, 1):
-                where = f"{path}:{lineno}"
-                text = _decode(line, where + (" (decompressed)" if gz else ""), offset)
-                offset += len(line)
-                position = raw.tell()
-                if text.strip():
-                    try:
-                        record = json.loads(text)
-                    except ValueError as error:
-                        raise UserError(f"{where} is not JSON ({error.msg}); one JSON object per line") from None
-                    value = record.get(text_field) if isinstance(record, dict) else None
-                    if not isinstance(value, str):
-                        got = (
-                            "has no" if not isinstance(record, dict) or text_field not in record else "has a non-string"
-                        )
-                        raise UserError(f"{where} {got} {text_field!r} field; set --text_field to the text's field")
-                    yield value, position - done
+                if line.strip():
+                    position = raw.tell()
+                    yield (
+                        ("json", f"{path}:{lineno}" + (" (decompressed)" if gz else ""), offset, line),
+                        position - done,
+                    )
                     done = position
+                offset += len(line)
         except (OSError, EOFError, zlib.error) as error:  # a damaged or truncated .gz
             raise UserError(f"cannot read {path}: {error}; download it again") from None
     yield None, path.stat().st_size - done
@@ -141,8 +138,7 @@ def require_pyarrow() -> Any:
     return pq
 
 
-def read_parquet(path: Path, text_field: str) -> Iterator[tuple[str | None, int]]:
-    """The text_field column, one row group at a time (a row group is the unit parquet compresses)."""
+def open_parquet(path: Path, text_field: str) -> Any:
     pq = require_pyarrow()
     try:
         pf = pq.ParquetFile(path)
@@ -151,51 +147,73 @@ def read_parquet(path: Path, text_field: str) -> Iterator[tuple[str | None, int]
     if text_field not in pf.schema_arrow.names:
         columns = ", ".join(pf.schema_arrow.names[:10])
         raise UserError(f"{path} has no column {text_field!r} (it has: {columns}); set --text_field to the text column")
-    done, row = 0, 0
+    return pf
+
+
+def read_parquet(path: Path, text_field: str) -> Iterator[tuple[Raw | None, int]]:
+    """One raw document per row group (a row group is the unit parquet compresses); the worker reads its rows."""
+    pf, done, row = open_parquet(path, text_field), 0, 0
     for group in range(pf.num_row_groups):
-        texts = pf.read_row_group(group, columns=[text_field]).column(0).to_pylist()
         meta = pf.metadata.row_group(group)
         size = sum(meta.column(i).total_compressed_size for i in range(meta.num_columns))
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise UserError(f"{path} row {row + i}: {text_field!r} is {type(text).__name__}, not text")
-            yield text, 0
-        row += len(texts)
-        yield None, size
-        done += size
+        yield ("parquet", str(path), group, row), size
+        row, done = row + meta.num_rows, done + size
     yield None, max(0, path.stat().st_size - done)
 
 
-READERS: dict[str, Callable[[Path, str], Iterator[tuple[str | None, int]]]] = {
-    ".txt": read_txt,
-    ".jsonl": read_jsonl,
-    ".jsonl.gz": read_jsonl,
-    ".parquet": read_parquet,
-}
-
-
-def documents(sources: list[Path], text_field: str) -> Iterator[tuple[str | None, int]]:
-    """(text, bytes of input consumed) for every document in order; text None marks progress only."""
+def documents(sources: list[Path], text_field: str) -> Iterator[tuple[Raw | None, int]]:
+    """(raw document, bytes of input consumed) for every file in order; None marks progress only."""
     for path in sources:
+        kind = kind_of(path)
         try:
-            yield from READERS[kind_of(path)](path, text_field)
+            if kind == ".parquet":
+                yield from read_parquet(path, text_field)
+            else:
+                yield from (read_jsonl if kind.startswith(".jsonl") else read_txt)(path)
         except PermissionError as error:
             raise UserError(f"cannot read {path}: {error.strerror}") from None
 
 
-def chunks(docs: Iterable[tuple[str | None, int]]) -> Iterator[tuple[int, list[str]]]:
-    """(input bytes, texts) in groups of up to CHUNK_DOCS documents or CHUNK_BYTES characters."""
-    texts, size, progress = [], 0, 0
-    for text, consumed in docs:
+def parse(raw: Raw, text_field: str) -> list[str]:
+    """The texts of one raw document (in a worker): a file, a JSON line's field, or a parquet row group's column."""
+    kind = raw[0]
+    if kind == "txt":
+        return [_decode(raw[2], raw[1])]
+    if kind == "json":
+        _, where, offset, line = raw
+        text = _decode(line, where, offset)
+        if not text.strip():
+            return []
+        try:
+            record = json.loads(text)
+        except ValueError as error:
+            raise UserError(f"{where} is not JSON ({error.msg}); one JSON object per line") from None
+        value = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(value, str):
+            got = "has no" if not isinstance(record, dict) or text_field not in record else "has a non-string"
+            raise UserError(f"{where} {got} {text_field!r} field; set --text_field to the text's field")
+        return [value]
+    _, path, group, first_row = raw
+    texts = open_parquet(Path(path), text_field).read_row_group(group, columns=[text_field]).column(0).to_pylist()
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise UserError(f"{path} row {first_row + i}: {text_field!r} is {type(text).__name__}, not text")
+    return texts
+
+
+def chunks(docs: Iterable[tuple[Raw | None, int]]) -> Iterator[tuple[int, list[Raw]]]:
+    """(input bytes, raw documents) in groups of up to CHUNK_DOCS documents or about CHUNK_BYTES bytes."""
+    raws, size, progress = [], 0, 0
+    for raw, consumed in docs:
         progress += consumed
-        if text is not None:
-            texts.append(text)
-            size += len(text)
-        if len(texts) >= CHUNK_DOCS or size >= CHUNK_BYTES:
-            yield progress, texts
-            texts, size, progress = [], 0, 0
-    if texts or progress:
-        yield progress, texts
+        if raw is not None:
+            raws.append(raw)
+            size += len(raw[-1]) if raw[0] != "parquet" else CHUNK_BYTES  # (a row group is a task of its own)
+        if len(raws) >= CHUNK_DOCS or size >= CHUNK_BYTES:
+            yield progress, raws
+            raws, size, progress = [], 0, 0
+    if raws or progress:
+        yield progress, raws
 
 
 def file_sha256(path: Path) -> str:
@@ -292,11 +310,13 @@ def text_pieces(path: Path, name: str, split: int, piece_chars: int) -> Iterator
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer: dict[str, Any] | None, val_frac: float, in_main: bool = False) -> None:
+def _init_worker(
+    tokenizer: dict[str, Any] | None, val_frac: float, text_field: str = "text", in_main: bool = False
+) -> None:
     if not in_main:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (it ends the pool)
     _WORKER.clear()
-    _WORKER["val_below"] = int(val_frac * 2**64)
+    _WORKER["val_below"], _WORKER["text_field"] = int(val_frac * 2**64), text_field
     if tokenizer is None:
         return
     if tokenizer["name"] == "char":
@@ -321,13 +341,14 @@ def is_val(text: str, val_below: int) -> bool:
     return int.from_bytes(digest, "little") < val_below
 
 
-def chunk_chars(texts: list[str]) -> str:
-    return "".join(set().union(*texts))
+def chunk_chars(raws: list[Raw]) -> str:
+    return "".join(set().union(*(text for raw in raws for text in parse(raw, _WORKER["text_field"]))))
 
 
-def encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int, int, int, int]:
+def encode_chunk(raws: list[Raw]) -> tuple[np.ndarray, np.ndarray, int, int, int, int]:
     """(train tokens, val tokens, train documents, val documents, train bytes, val bytes) of one chunk, each
     document after a separator; the bytes are the documents' UTF-8 bytes (for bits per byte; separators add none)."""
+    texts = [text for raw in raws for text in parse(raw, _WORKER["text_field"])]
     dtype, separator = _WORKER["dtype"], np.array([_WORKER["separator"]], dtype=_WORKER["dtype"])
     parts: dict[bool, list[np.ndarray]] = {False: [], True: []}
     size = {False: 0, True: 0}
@@ -627,7 +648,7 @@ def char_vocabulary(paths: list[Path], args: argparse.Namespace, total: int) -> 
     bar = progress_bar(total, "vocabulary")
     try:
         for consumed, chars in ordered_map(
-            chunk_chars, chunks(documents(paths, args.text_field)), args.workers, (None, 0)
+            chunk_chars, chunks(documents(paths, args.text_field)), args.workers, (None, 0, args.text_field)
         ):
             seen.update(chars)
             bar.update(consumed)
@@ -646,7 +667,7 @@ def write_shards(
     """Tokenize every document and write the shards; the manifest's contents (settings aside)."""
     version = shard_version(tokenizer.vocab_size)
     writers = {split: ShardWriter(out, split, args.shard_tokens, version) for split in ("train", "val")}
-    initargs = (tokenizer.to_dict(), args.val_frac)
+    initargs = (tokenizer.to_dict(), args.val_frac, args.text_field)
     bar = progress_bar(total, "tokenizing")
     try:
         for consumed, (train, val, n_train, n_val, b_train, b_val) in ordered_map(

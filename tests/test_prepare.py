@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -228,3 +230,34 @@ def test_the_command_line_says_one_line_and_exits_2(tmp_path):
         [sys.executable, str(REPO / "prepare.py"), "--out", str(tmp_path / "o")], capture_output=True, text=True
     )
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+def test_ctrl_c_mid_shard_in_a_real_process_reruns_to_the_same_output(tmp_path):
+    """The command line, interrupted with SIGINT while it writes shards on 2 workers: exit 130, no manifest, only
+    whole shards left; the same command then finishes with exactly the shards of an uninterrupted run."""
+    rng = np.random.default_rng(0)
+    words = np.array(["the", "king", "shall", "not", "die", "to", "night", "my", "lord", "and", "fair", "Rosalind"])
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):  # ~12 MB: seconds of work, so the signal lands mid-run
+        lines = (" ".join(words[rng.integers(0, len(words), 60)]) for _ in range(20_000))
+        (corpus / f"part{i}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    argv = [sys.executable, str(REPO / "prepare.py"), str(corpus), "--tokenizer", "char", "--workers", "2"]
+    argv += ["--shard_tokens", "300000", "--val_frac", "0.01"]
+    out = tmp_path / "out"
+    child = subprocess.Popen([*argv, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "train_000000.bin").exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130 and "interrupted" in err, err
+    left = sorted(p.name for p in out.iterdir())
+    assert left and "manifest.json" not in left and all(name.endswith(".bin") for name in left)  # no temp files
+    for name in left:
+        shards.read_shard(out / name)  # each one whole
+    assert subprocess.run([*argv, "--out", str(out)], capture_output=True).returncode == 0
+    assert subprocess.run([*argv, "--out", str(tmp_path / "clean")], capture_output=True).returncode == 0
+    clean = sorted((tmp_path / "clean").glob("*.bin"))
+    assert len(clean) > 2 and [p.name for p in clean] == sorted(p.name for p in out.glob("*.bin"))
+    assert all((out / p.name).read_bytes() == p.read_bytes() for p in clean)

@@ -183,3 +183,73 @@ def test_resuming_on_another_prepared_folder_is_refused(prepared, tmp_path):
     cfg = run_config(tmp_path / "b", other, RESUME, max_steps=4, resume=str(tmp_path / "a" / "models" / "r"))
     with pytest.raises(UserError, match="it was trained on other tokens"):
         train.train(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# llm.c / modded-nanogpt .bin shards as they are: --data_path names the train shards, val is "train" -> "val"
+
+
+def llmc_shard(path: Path, tokens: np.ndarray) -> Path:
+    """llm.c's writer (dev/data/data_common.py write_datafile): 256 int32 header, then uint16 tokens."""
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = 20240520, 1, len(tokens)
+    path.write_bytes(header.tobytes() + tokens.astype(np.uint16).tobytes())
+    return path
+
+
+@pytest.fixture
+def fineweb(tmp_path) -> tuple[Path, list[np.ndarray], np.ndarray]:
+    """A folder laid out like modded-nanogpt's fineweb10B: fineweb_train_00000{1,2}.bin and fineweb_val_000000.bin."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "fineweb10B"
+    folder.mkdir()
+    train_parts = [rng.integers(0, 50257, n) for n in (3000, 2000)]
+    for i, part in enumerate(train_parts, 1):
+        llmc_shard(folder / f"fineweb_train_{i:06d}.bin", part)
+    val = rng.integers(0, 50257, 1500)
+    llmc_shard(folder / "fineweb_val_000000.bin", val)
+    return folder, train_parts, val
+
+
+def test_a_bin_glob_reads_llmc_shards_as_they_are(fineweb):
+    folder, train_parts, val = fineweb
+    dataset = data.load_dataset(tiny_config(data_path=str(folder / "fineweb_train_*.bin"), tokenizer="gpt2"))
+    assert dataset.tokenizer.vocab_size == 50257 and dataset.val_bytes is None
+    assert torch.equal(dataset.train.read(), torch.from_numpy(np.concatenate(train_parts)))
+    assert torch.equal(dataset.val.read(), torch.from_numpy(val))
+    one = data.load_dataset(tiny_config(data_path=str(folder / "fineweb_train_000001.bin"), tokenizer="gpt2"))
+    assert torch.equal(one.train.read(), torch.from_numpy(train_parts[0]))  # one file names itself
+    assert one.train.digest != dataset.train.digest  # other shards, another fingerprint
+
+
+def test_train_py_trains_from_a_bin_glob(fineweb, tmp_path):
+    folder, _, _ = fineweb
+    cfg = run_config(tmp_path, folder / "fineweb_train_*.bin", RESUME, tokenizer="gpt2", max_steps=2, save_every=None)
+    summary = train.train(cfg)
+    assert summary["steps"] == 2 and math.isfinite(summary["final_val_loss"]) and summary["final_val_bpb"] is None
+
+
+@pytest.mark.parametrize(
+    "pattern, tokenizer, message",
+    [
+        ("fineweb_train_*.bin", "char", "pass the --tokenizer they were made with"),
+        ("fineweb_*.bin", "gpt2", "name the train shards"),
+        ("other_train_*.bin", "gpt2", "no train shards match"),
+        ("fineweb_train_000001.bin", "gpt2", None),  # (its val: below)
+    ],
+)
+def test_a_bad_bin_glob_is_one_line(fineweb, pattern, tokenizer, message):
+    folder, _, _ = fineweb
+    if message is None:
+        (folder / "fineweb_val_000000.bin").rename(folder / "elsewhere.bin")
+        message = "no val shards match"
+    with pytest.raises(UserError, match=message) as error:
+        data.load_dataset(tiny_config(data_path=str(folder / pattern), tokenizer=tokenizer))
+    assert "\n" not in str(error.value)
+
+
+def test_a_bin_shard_with_ids_past_the_vocabulary_is_one_line(fineweb):
+    folder, _, _ = fineweb
+    llmc_shard(folder / "fineweb_val_000000.bin", np.array([1, 2, 60_000] * 100))
+    with pytest.raises(UserError, match="outside the vocabulary of 50257"):
+        data.load_dataset(tiny_config(data_path=str(folder / "fineweb_train_*.bin"), tokenizer="gpt2"))
