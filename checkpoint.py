@@ -2,6 +2,7 @@
 
 <save_model_dir>/<run>/
     step_000500/  model.safetensors  config.json  tokenizer.json  state.json  optimizer.pt  rng.pt
+                  ema.safetensors (with --ema_decay: the weights' average, its update count in the metadata)
     latest        the name of the newest complete checkpoint folder
 
 A checkpoint folder is written under a temporary name, fsynced and renamed into place, and only then does
@@ -28,14 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from config import FIELDS, KINDS, MATCH, NOTICE, Config, UserError, is_kind
+from config import FIELDS, KINDS, MATCH, MATCH_ADDED_LATER, NOTICE, Config, UserError, is_kind
 from model import GPT
 from tokenizer import check_tokenizer_dict
 from utils import atomic_write, fsync_dir, out_of_space
 
 LATEST = "latest"
+EMA_FILE = "ema.safetensors"  # optimizer.EMA's weights: the same tensors as model.safetensors, averaged
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP prefix every state_dict key
 
 
@@ -66,19 +68,21 @@ def save_checkpoint(
     rng: dict[str, Any] | None = None,
     keep: int | None = None,
     protect: Path | None = None,
+    ema: dict[str, Any] | None = None,
 ) -> Path:
     """Write step_<step>/ atomically, point `latest` at it, keep the newest `keep` (None: all) and `protect` (the
-    checkpoint the run resumed from); returns the folder. A full disk is one line; the previous checkpoint stays."""
+    checkpoint the run resumed from); returns the folder. ema: optimizer.EMA.state_dict(), written as ema.safetensors
+    in the same folder. A full disk is one line; the previous checkpoint stays."""
     model = unwrap(model)
-    needed = tensor_bytes(model.state_dict()) + sum(tensor_bytes(o.state) for o in optimizers or [])
+    needed = tensor_bytes([model.state_dict(), *(o.state for o in optimizers or []), (ema or {}).get("weights")])
     with out_of_space(run_dir, f"the checkpoint of step {step}", needed):
-        final = _write_checkpoint(run_dir, step, model, tokenizer_dict, optimizers, state, rng)
+        final = _write_checkpoint(run_dir, step, model, tokenizer_dict, optimizers, state, rng, ema)
         atomic_write(run_dir / LATEST, final.name + "\n")  # only now does `latest` move to the complete folder
     prune_checkpoints(run_dir, keep, final, protect)
     return final
 
 
-def _write_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer_dict, optimizers, state, rng) -> Path:
+def _write_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer_dict, optimizers, state, rng, ema) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{final.name}.", suffix=".tmp"))
@@ -86,6 +90,9 @@ def _write_checkpoint(run_dir: Path, step: int, model: GPT, tokenizer_dict, opti
     try:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(weights, tmp / "model.safetensors")
+        if ema is not None:  # (metadata is text: the count as digits)
+            averaged = {k: v.detach().contiguous().cpu() for k, v in ema["weights"].items()}
+            save_file(averaged, tmp / EMA_FILE, metadata={"updates": str(ema["updates"])})
         _write_json(tmp / "config.json", model.cfg.to_dict())
         _write_json(tmp / "tokenizer.json", tokenizer_dict)
         _write_json(tmp / "state.json", {"step": step, "vocab_size": model.vocab_size, **(state or {})})
@@ -191,19 +198,25 @@ def resolve_checkpoint(path: str | Path, usable_for: str | None = None, notice: 
 def unusable(folder: Path, purpose: str = "sample") -> str | None:
     """What keeps `folder` from serving to sample from ("sample") or to resume ("resume"), as "file: why"; None when
     nothing does. Cheap: the JSON files, the weights' header (names and shapes, against the model the config
-    makes) and, to resume, rng.pt and the structure of optimizer.pt (memory-mapped: its tensors are not read)."""
+    makes; ema.safetensors' too, when there, and its update count) and, to resume, rng.pt and the structure of
+    optimizer.pt (memory-mapped: its tensors are not read)."""
     try:
         config, _, state = read_checkpoint(folder)
-        try:
-            with safe_open(folder / "model.safetensors", "pt") as weights:
-                shapes = {_plain_name(k): tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}  # noqa: SIM118
-            with torch.device("meta"):  # the model's shapes without its memory
-                expected = GPT(Config.from_dict(config), state["vocab_size"]).state_dict()
-            check_weight_shapes(shapes, expected)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-            raise _damaged(folder, error, "model.safetensors") from None
+        with torch.device("meta"):  # the model's shapes without its memory
+            expected = GPT(Config.from_dict(config), state["vocab_size"]).state_dict()
+        averaged = (folder / EMA_FILE).is_file()
+        for name in ("model.safetensors", *([EMA_FILE] if averaged else [])):
+            try:
+                with safe_open(folder / name, "pt") as weights:
+                    shapes = {_plain_name(k): tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}  # noqa: SIM118
+                    metadata = weights.metadata()
+                check_weight_shapes(shapes, expected)
+                if name == EMA_FILE:
+                    ema_updates(metadata, state["step"])
+            except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+                raise _damaged(folder, error, name) from None
         if purpose == "resume":
-            for name in ("optimizer.pt", "rng.pt"):
+            for name in ("optimizer.pt", "rng.pt", *([EMA_FILE] if config.get("ema_decay") else [])):
                 if not (folder / name).is_file():
                     return f"no {name}: it can be sampled from, not resumed"
             load_rng_state(folder, state.get("world_size", 1))
@@ -249,10 +262,13 @@ def check_config(config: Any) -> Config:
     another model or run than the one saved. Every flag there must be of its type (a bool where a bool goes, an
     integer where an integer goes and never a bool, a number where a float goes, None only where None is allowed)
     and valid (Config.validate). A missing NOTICE or FREE flag takes its default, as for a checkpoint written before
-    the flag existed (read_resume names the NOTICE ones in its notice); keys this version does not know are ignored."""
+    the flag existed (read_resume names the NOTICE ones in its notice), and so does a MATCH flag added after the first
+    checkpoints (config.MATCH_ADDED_LATER); keys this version does not know are ignored."""
     if not isinstance(config, dict):
         raise ValueError(f"expected an object of flags, got {_json_type(config)}")
-    if missing := [name for name, f in FIELDS.items() if name not in config and f.metadata["on_resume"] == MATCH]:
+    # (a MATCH flag added later is missing from older checkpoints, whose model its default describes)
+    needed = [name for name, f in FIELDS.items() if f.metadata["on_resume"] == MATCH and name not in MATCH_ADDED_LATER]
+    if missing := [name for name in needed if name not in config]:
         raise ValueError(f"lacks {', '.join(missing[:4])}{f' and {len(missing) - 4} more' if len(missing) > 4 else ''}")
     for name, (kind, optional) in KINDS.items():
         value = config.get(name)
@@ -311,26 +327,70 @@ def check_weight_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, t
             )
 
 
+def read_weights(
+    folder: Path, name: str, expected: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of the checkpoint's weights file `name`, the tensors checked against `expected` (names and
+    shapes) and for finiteness; keys saved with a torch.compile / DDP prefix come back plain."""
+    try:
+        with safe_open(folder / name, "pt") as file:
+            weights = {_plain_name(k): file.get_tensor(k) for k in file.keys()}  # noqa: SIM118
+            metadata = file.metadata() or {}
+        check_weight_shapes({k: tuple(v.shape) for k, v in weights.items()}, expected)
+        if bad := [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
+            raise ValueError(f"{bad[0]} holds NaN or infinite values")
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise _damaged(folder, error, name) from None
+    return weights, metadata
+
+
 def load_weights(folder: Path, model: torch.nn.Module) -> None:
     """The checkpoint's weights into `model` (names, shapes and finiteness checked first); keys saved with a
     torch.compile / DDP prefix load too."""
+    weights, _ = read_weights(folder, "model.safetensors", unwrap(model).state_dict())
+    unwrap(model).load_state_dict(weights)
+
+
+def ema_updates(metadata: dict[str, str] | None, step: int) -> int:
+    """The update count of ema.safetensors' metadata: an integer from 0 to the checkpoint's step (one update per
+    optimizer step at most), or ValueError."""
+    updates = (metadata or {}).get("updates")
+    if not (isinstance(updates, str) and updates.isascii() and updates.isdigit() and int(updates) <= step):
+        raise ValueError(f"its metadata must hold an update count from 0 to the step ({step}), got {updates!r}"[:200])
+    return int(updates)
+
+
+def read_ema(folder: Path, expected: dict[str, torch.Tensor], step: int) -> dict[str, Any]:
+    """ema.safetensors as optimizer.EMA.load_state_dict takes it, {"weights", "updates"}: the tensors checked as
+    model.safetensors' are (read_weights), the count by ema_updates."""
+    weights, metadata = read_weights(folder, EMA_FILE, expected)
     try:
-        weights = {_plain_name(k): v for k, v in load_file(folder / "model.safetensors").items()}
-        check_weight_shapes({k: tuple(v.shape) for k, v in weights.items()}, unwrap(model).state_dict())
-        if bad := [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
-            raise ValueError(f"{bad[0]} holds NaN or infinite values")
-        unwrap(model).load_state_dict(weights)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-        raise _damaged(folder, error, "model.safetensors") from None
+        return {"weights": weights, "updates": ema_updates(metadata, step)}
+    except ValueError as error:
+        raise _damaged(folder, error, EMA_FILE) from None
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any], dict[str, Any]]:
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", weights: str | None = None
+) -> tuple[GPT, dict[str, Any], dict[str, Any]]:
     """(model, tokenizer dict, state dict) from a checkpoint or run folder (a damaged newest checkpoint of a run
-    folder is passed over, with a notice); refuses damaged files in one line."""
+    folder is passed over, with a notice); refuses damaged files in one line. weights: "raw" (model.safetensors),
+    "ema" (ema.safetensors; refused when the checkpoint has none) or None (the EMA when there, else the raw ones)."""
+    if weights not in (None, "ema", "raw"):
+        raise ValueError(f"weights must be 'ema', 'raw' or None, got {weights!r}")
     folder = resolve_checkpoint(path, usable_for="sample")
     config, tokenizer_dict, state = read_checkpoint(folder)
     model = GPT(Config.from_dict(config), state["vocab_size"])
-    load_weights(folder, model)
+    averaged = weights != "raw" and (folder / EMA_FILE).is_file()
+    if weights == "ema" and not averaged:
+        raise UserError(
+            f"checkpoint {folder} has no averaged weights (no {EMA_FILE}: it was trained without --ema_decay); "
+            "use the raw ones (--weights raw)"
+        )
+    if averaged:
+        model.load_state_dict(read_ema(folder, model.state_dict(), state["step"])["weights"])
+    else:
+        load_weights(folder, model)
     return model.to(device), tokenizer_dict, state
 
 
@@ -522,6 +582,7 @@ class Resume:
     state: dict[str, Any]  # state.json: the loop's state (train.py's LoopState reads it)
     rng: dict[str, Any]  # rng.pt: every random generator, the other ranks' under "ranks"
     changes: list[str]  # what differs from the checkpoint's run and changes training: said in one notice
+    ema: dict[str, Any] | None = None  # ema.safetensors (read_ema) when this run averages and the checkpoint has it
 
     def restore(self, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], tokenizer: dict, data: dict):
         """Refuse other data (tokenizer or tokens) than the checkpoint's; then load the weights and optimizer state."""
@@ -555,6 +616,17 @@ class Resume:
             shutil.rmtree(gone, ignore_errors=True)
         print(f"notice: deleted the newer checkpoints {names} (--overwrite_newer)", flush=True)
 
+    def restore_ema(self, ema: Any) -> None:
+        """The checkpoint's weight average into `ema`, this run's optimizer.EMA (None: --ema_decay 0, nothing to do).
+        A checkpoint without one (saved before --ema_decay was on) leaves the average at its weights, with a notice."""
+        if ema is None:
+            return
+        if self.ema is None:
+            print(f"notice: {self.folder} has no {EMA_FILE}; the weight average starts from its weights", flush=True)
+            return
+        ema.load_state_dict(self.ema)
+        self.ema = None  # (its copy of the weights is no longer needed)
+
     def restore_rng(self, rank: int) -> None:
         """This rank's generators as saved (a rank the saving job lacked keeps its fresh seed)."""
         others = self.rng.get("ranks", [])
@@ -572,7 +644,8 @@ def read_resume(path: str | Path, cfg: Config, world_size: int = 1) -> Resume:
     """The checkpoint at `path` (a run folder's newest usable one), checked against this run's config: one line for
     a flag that must match (the weights' shape, the tokens, the data order depend on it), a notice for those that
     change training and for those its config.json lacks (written before they existed). Every file is checked before
-    use (the loop's keys of state.json by train.LoopState)."""
+    use (the loop's keys of state.json by train.LoopState); ema.safetensors, which a checkpoint saved with
+    --ema_decay needs to resume, is read when this run averages too."""
     folder = resolve_checkpoint(path, usable_for="resume")
     saved, tokenizer, state = read_checkpoint(folder)
     changes = compare_configs(folder, saved, cfg)
@@ -580,7 +653,15 @@ def read_resume(path: str | Path, cfg: Config, world_size: int = 1) -> Resume:
     changes += [f"--{name} {getattr(cfg, name)} (not in its config.json)" for name in unsaved]
     if state.get("world_size", 1) != world_size:
         changes.append(f"{world_size} ranks (was {state.get('world_size', 1)})")
-    return Resume(folder, tokenizer, state, load_rng_state(folder, state.get("world_size", 1)), changes)
+    averaged = (folder / EMA_FILE).is_file()
+    if saved.get("ema_decay") and not averaged:
+        raise UserError(f"checkpoint {folder} has no {EMA_FILE}: it can be sampled from, not resumed")
+    ema = None
+    if cfg.ema_decay and averaged:
+        with torch.device("meta"):  # the model's shapes without its memory
+            expected = GPT(Config.from_dict(saved), state["vocab_size"]).state_dict()
+        ema = read_ema(folder, expected, state["step"])
+    return Resume(folder, tokenizer, state, load_rng_state(folder, state.get("world_size", 1)), changes, ema)
 
 
 def compare_configs(folder: Path, saved: dict[str, Any], cfg: Config) -> list[str]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, get_type_hints
 
 
@@ -37,10 +39,38 @@ class Config:
     embedding_dim: int = _flag(512, "width of the residual stream", on_resume=MATCH)
     context_len: int = _flag(1024, "tokens of context the model sees", on_resume=MATCH)
     pos_emb: str = _flag("rope", "position encoding: rotary or a learned table", ("rope", "learned"), on_resume=MATCH)
-    activation: str = _flag("relu2", "MLP nonlinearity: squared ReLU or GELU", ("relu2", "gelu"), on_resume=MATCH)
+    activation: str = _flag(
+        "relu2",
+        "MLP nonlinearity: squared ReLU, GELU, or GELU's tanh approximation (GPT-2's)",
+        ("relu2", "gelu", "gelu_tanh"),
+        on_resume=MATCH,
+    )
     qk_norm: bool = _flag(True, "RMS-normalise queries and keys before attention", on_resume=MATCH)
     attn_sink: bool = _flag(True, "learned per-head attention-sink logit in every softmax denominator", on_resume=MATCH)
     logit_softcap: float = _flag(0.0, "cap logits smoothly at +-this value (0 = off)", on_resume=MATCH)
+    norm: str = _flag(
+        "rmsnorm",
+        "normalisation before each block and the head: RMSNorm, or LayerNorm with a bias (GPT-2's)",
+        ("rmsnorm", "layernorm"),
+        on_resume=MATCH,
+    )
+    bias: bool = _flag(False, "biases in the attention and MLP linear layers (GPT-2 has them)", on_resume=MATCH)
+    tie_embeddings: bool = _flag(False, "the head reuses the token embedding table (GPT-2 ties them)", on_resume=MATCH)
+    smear: bool = _flag(
+        False,
+        "mix a learned, gated share of the previous token's embedding into each token's (modded-nanogpt)",
+        on_resume=MATCH,
+    )
+    bigram_embedding: bool = _flag(
+        False,
+        "add a learned embedding of each (previous token, token) pair; small vocabularies only (char)",
+        on_resume=MATCH,
+    )
+    init_from: str | None = _flag(
+        None,
+        "start from pretrained weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face download or cache) or a "
+        "local GPT-2 folder in Hugging Face format; sets the architecture flags to GPT-2's (ignored by --resume)",
+    )
     dropout: float = _flag(0.0, "dropout on embeddings and residual branches", on_resume=NOTICE)
     # training
     lr: float = _flag(
@@ -49,6 +79,12 @@ class Config:
     muon_lr: float = _flag(0.02, "Muon learning rate for the hidden matrices", on_resume=NOTICE)
     muon_ns_steps: int = _flag(
         5, "Newton-Schulz iterations per Muon update (fewer are cheaper, rougher)", on_resume=NOTICE
+    )
+    muon_ns_coeffs: str = _flag(
+        "quintic",
+        "Newton-Schulz polynomials: quintic (one for every step) or polar_express (one per step, Amsel et al. 2025)",
+        ("quintic", "polar_express"),
+        on_resume=NOTICE,
     )
     use_muon: bool = _flag(
         True, "Muon for 2-D hidden matrices, AdamW for the rest; False = AdamW for all", on_resume=MATCH
@@ -68,12 +104,19 @@ class Config:
     )
     min_lr_frac: float = _flag(0.1, "the decay ends at this fraction of the peak learning rate", on_resume=NOTICE)
     cooldown_frac: float = _flag(0.4, "wsd only: fraction of the run spent decaying", on_resume=NOTICE)
+    ema_decay: float = _flag(
+        0.0,
+        "exponential moving average of the weights with this decay, e.g. 0.999 (0 = off): evaluated beside the "
+        "raw weights, saved as ema.safetensors, sampled from",
+        on_resume=NOTICE,  # the raw weights train alike, but another decay gives another average than the saved run's
+    )
     time_budget_s: float | None = _flag(None, "stop after this many seconds of training, then run the final evaluation")
     seed: int = _flag(1337, "random seed (python, numpy, torch)", on_resume=MATCH)
     # data
     data_path: str = _flag(
         "data/tiny_shakespeare.txt",
-        "UTF-8 text to train on (Tiny Shakespeare is downloaded if missing), or a folder made by prepare.py",
+        "UTF-8 text to train on (Tiny Shakespeare is downloaded if missing), a folder made by prepare.py, or llm.c "
+        "`.bin` train shards (a glob)",
     )
     tokenizer: str = _flag(
         "gpt2",
@@ -159,6 +202,10 @@ class Config:
             raise UserError(
                 "rotary positions need an even head size (embedding_dim / num_heads); use --pos_emb learned"
             )
+        if self.smear and self.init_from is not None:  # (--bigram_embedding: refused below for GPT-2's vocabulary)
+            raise UserError("--smear adds weights GPT-2 has not got, and --init_from loads GPT-2's; leave out --smear")
+        if self.bigram_embedding and self.tokenizer in VOCAB_ESTIMATE and self.tokenizer != "char":
+            check_bigram_rows(VOCAB_ESTIMATE[self.tokenizer], self.tokenizer)  # (char's count: once the text is read)
         if self.val_frac == 0:
             raise UserError("--val_frac must be above 0: validation needs some held-out tokens")
         if self.val_tokens is not None and self.val_tokens < self.context_len:
@@ -228,6 +275,7 @@ FLOAT_RANGES: dict[str, FloatRange] = {
     "grad_clip": FloatRange(0.0, 1e30, "0 (no clipping) or a positive number no larger than 1e30"),
     "min_lr_frac": FloatRange(0.0, 1.0, "between 0.0 and 1.0"),
     "cooldown_frac": FloatRange(0.0, 1.0, "between 0.0 and 1.0"),
+    "ema_decay": FloatRange(0.0, 1 - 2**-53, "0 (off) or a decay below 1, e.g. 0.999"),  # (the largest float < 1)
     "time_budget_s": FloatRange(
         0.0, 1e9, "a positive number of seconds no larger than 1e9 (None = no time budget)", above_low=True
     ),
@@ -315,6 +363,23 @@ MEMORY_CEILING = 10**12  # 1 TB
 EVAL_TOKENS_CEILING = 10**9
 VOCAB_ESTIMATE = {"gpt2": 50_304, "o200k_base": 200_064, "char": 256}
 SIZE_FLAGS = ("num_blocks", "embedding_dim", "context_len", "batch_size")
+
+# --bigram_embedding: one row per (previous id, id), plus a row per id for "no previous id" (a sequence's first
+# position): (vocab + 1) x vocab rows, cheap for characters (65 make 4,290) and absurd for gpt2 (2.5e9). Refused over
+# BIGRAM_ROWS_MAX: by Config for the tiktoken vocabularies, by model.GPT for char (its size is known once read).
+BIGRAM_ROWS_MAX = 2**20
+
+
+def bigram_rows(vocab_size: int) -> int:
+    return (vocab_size + 1) * vocab_size
+
+
+def check_bigram_rows(vocab_size: int, tokenizer: str) -> None:
+    if (rows := bigram_rows(vocab_size)) > BIGRAM_ROWS_MAX:
+        raise UserError(
+            f"--bigram_embedding needs a small vocabulary: {tokenizer}'s {vocab_size:,} ids make {rows:,} rows, over "
+            f"the limit of {BIGRAM_ROWS_MAX:,}; use --tokenizer char or --bigram_embedding False"
+        )
 
 
 def estimated_bytes(
@@ -427,6 +492,88 @@ def _saved_values(values: dict[str, Any]) -> dict[str, Any]:
     return known
 
 
+# MATCH flags newer than the first checkpoints: a config.json without one was written before the flag existed, by the
+# model its default makes (the default is today's model), so a reader may take the default (checkpoint.check_config).
+MATCH_ADDED_LATER = ("norm", "bias", "tie_embeddings", "smear", "bigram_embedding")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --init_from: GPT-2 is one setting of the architecture flags, and each GPT-2 checkpoint adds its shape. The four
+# published checkpoints' shapes are known without a download (their Hugging Face config.json); a local folder's are
+# read from its config.json. parse_args sets these flags (an explicit flag that says otherwise is refused) and
+# export.py loads the weights.
+GPT2_ARCHITECTURE: dict[str, Any] = dict(
+    pos_emb="learned",
+    norm="layernorm",
+    bias=True,
+    activation="gelu_tanh",
+    qk_norm=False,
+    attn_sink=False,
+    logit_softcap=0.0,
+    tie_embeddings=True,
+    tokenizer="gpt2",
+)
+GPT2_MODELS = {  # name: (num_blocks, num_heads, embedding_dim); each has 1024 positions
+    "gpt2": (12, 12, 768),
+    "gpt2-medium": (24, 16, 1024),
+    "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
+}
+GPT2_VOCAB = 50257  # the gpt2 tokenizer's ids
+HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}  # -> --activation
+
+
+def pretrained_flags(init_from: str) -> dict[str, Any]:
+    """The flags a --init_from checkpoint fixes: GPT-2's architecture, its shape, and context_len = its positions (a
+    run may use fewer). UserError (one line) for a name that is neither a GPT-2 nor a folder, or a folder whose
+    config.json is not a GPT-2 this model can express."""
+    if init_from in GPT2_MODELS:
+        blocks, heads, dim = GPT2_MODELS[init_from]
+        shape = dict(num_blocks=blocks, num_heads=heads, embedding_dim=dim, context_len=1024)
+        return {**GPT2_ARCHITECTURE, **shape}
+    if not Path(init_from).is_dir():
+        raise UserError(
+            f"--init_from {init_from!r} is neither a GPT-2 name ({', '.join(GPT2_MODELS)}) nor a folder; for a "
+            "model of the Hugging Face Hub, download it (hf download NAME --local-dir DIR) and pass DIR"
+        )
+    where = f"--init_from {init_from}"
+    try:
+        hf = json.loads((Path(init_from) / "config.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"{where} is not a Hugging Face model folder (it has no config.json)") from None
+    except (OSError, ValueError) as error:
+        raise UserError(f"{where}: its config.json is unreadable ({type(error).__name__}: {error})") from None
+    model_type = hf.get("model_type") if isinstance(hf, dict) else None
+    if model_type != "gpt2":
+        raise UserError(f"{where} is not a GPT-2 folder (its config.json has model_type {model_type!r}, not 'gpt2')")
+    sizes = {key: hf.get(key) for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")}
+    if bad := [key for key, value in sizes.items() if not is_kind(value, int) or value < 1]:
+        raise UserError(f"{where}: its config.json lacks a positive integer {bad[0]} (got {sizes[bad[0]]!r})")
+    needs = {  # GPT-2 options this model has one setting of: (config.json's value, the one it needs)
+        "vocab_size": (sizes["vocab_size"], GPT2_VOCAB),
+        "n_inner": (hf.get("n_inner") or 4 * sizes["n_embd"], 4 * sizes["n_embd"]),
+        "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5), 1e-5),
+        "scale_attn_weights": (hf.get("scale_attn_weights", True), True),
+        "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), False),
+        "add_cross_attention": (hf.get("add_cross_attention", False), False),
+    }
+    for key, (value, needed) in needs.items():
+        if value != needed:
+            raise UserError(f"{where}: its config.json has {key} {value!r}; this model can only load {needed!r}")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in HF_ACTIVATIONS:
+        raise UserError(f"{where}: its activation_function {activation!r} is none of {', '.join(HF_ACTIVATIONS)}")
+    return {
+        **GPT2_ARCHITECTURE,
+        "activation": HF_ACTIVATIONS[activation],
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
+        "num_blocks": sizes["n_layer"],
+        "num_heads": sizes["n_head"],
+        "embedding_dim": sizes["n_embd"],
+        "context_len": sizes["n_positions"],
+    }
+
+
 # nanoGPT's Shakespeare-char CPU recipe shape (its README): 4x4x128, context 64, batch 12, 2000 steps, no dropout.
 _NANOGPT_CPU: dict[str, Any] = dict(
     tokenizer="char",
@@ -505,6 +652,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval_steps": 20,
         "log_every": 10,
         "save_every": 1000,
+    },
+    # nanoGPT's finetune_shakespeare recipe with the smallest GPT-2: its weights, GPT-2 tokens, 20 steps of
+    # 32 x 1024 tokens at a small constant AdamW learning rate (Muon's would wreck pretrained matrices).
+    "gpt2-shakespeare": {
+        **pretrained_flags("gpt2"),
+        "init_from": "gpt2",
+        "batch_size": 8,
+        "accumulation_steps": 4,
+        "max_steps": 20,
+        "warmup_steps": 0,
+        "use_muon": False,
+        "lr": 3e-5,
+        "lr_schedule": "constant",
+        "weight_decay": 0.1,
+        "dropout": 0.0,
+        "eval_every": 5,
+        "eval_steps": 40,
+        "log_every": 1,
     },
 }
 
@@ -597,7 +762,29 @@ def parse_args(argv: list[str] | None = None, base: dict[str, Any] | None = None
     values = _saved_values(base or {})
     values.update(PRESETS.get(explicit.get("preset"), {}))
     values.update(explicit)
+    if values.get("init_from") and not values.get("resume"):  # (a resumed run's saved flags already hold them)
+        values.update(_init_from_values(values, explicit))
     return Config(**values)
+
+
+def _init_from_values(values: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
+    """The flags --init_from fixes, over the preset's and saved ones; an explicit flag that says otherwise is one
+    line. context_len is the checkpoint's positions unless given (fewer are fine: the table is cut)."""
+    init_from = values["init_from"]
+    fixed = pretrained_flags(init_from)
+    positions = fixed.pop("context_len")
+    for name, value in fixed.items():
+        if name in explicit and explicit[name] != value:
+            raise UserError(
+                f"--init_from {init_from} is a GPT-2 with --{name} {value}; leave out --{name} {explicit[name]}"
+            )
+    context_len = values.get("context_len", positions)
+    if is_kind(context_len, int) and context_len > positions:
+        raise UserError(
+            f"--context_len {context_len} is longer than the {positions} positions of --init_from {init_from}; "
+            f"use --context_len {positions} or less"
+        )
+    return {**fixed, "context_len": context_len}
 
 
 def _friendlier(message: str) -> str:

@@ -26,7 +26,7 @@ import torch
 from config import Config, UserError
 from prepare import prepare_text
 from shards import read_shard
-from tokenizer import Tokenizer, build_tokenizer, tokenizer_from_dict
+from tokenizer import Tokenizer, build_tokenizer, check_tokenizer_dict, tokenizer_from_dict
 from utils import atomic_write, check_regular_file, check_writable
 
 ROOT = Path(__file__).resolve().parent
@@ -116,6 +116,8 @@ def load_text(cfg: Config, path: Path) -> Dataset:
     except (OSError, UserError):  # a read-only checkout: prepared for this process alone
         cache = Path(tempfile.mkdtemp(prefix="pair-transformer-tokens-"))
         atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    if cfg.tokenizer != "char":
+        build_tokenizer(cfg.tokenizer)  # offline without its files: fail here, not as a "damaged" cache
     folder = prepare_text(path, cfg.data_path, cache, cfg.tokenizer, cfg.val_frac)
     try:
         return load_prepared(cfg, folder)
@@ -348,9 +350,10 @@ def load_prepared(cfg: Config, folder: Path) -> Dataset:
             "(or prepare the corpus again with another)"
         )
     try:
-        tokenizer = tokenizer_from_dict(tokenizer_dict)
+        check_tokenizer_dict(tokenizer_dict)
     except UserError as error:
         raise UserError(f"{path}: the tokenizer is damaged: {error}") from None
+    tokenizer = tokenizer_from_dict(tokenizer_dict)  # (offline without tiktoken's files: that one-line error)
     shards = {}
     for split, entries in listed.items():
         shards[split] = []

@@ -2,7 +2,8 @@
 
 The cases live in inference_cases.json: a prompt, decoding settings and the automatic checks each must pass. The
 Shakespeare ones start a passage of the validation split and carry its true continuation, so the model's loss on
-that continuation scores a checkpoint case by case. `run_cases` runs them, `format_table` shows the results.
+that continuation scores a checkpoint case by case. `run_cases` runs them, `format_table` shows the results; given
+the memorization check's `copied` (memorization.CopyIndex.copied_share), each generated text's copied share too.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,7 @@ class CaseResult:
     error: str | None = None  # what went wrong: a crash, a refusal the case did not expect, an unencodable continuation
     prompt_tokens: int = 0
     seconds: float = 0.0
+    copied: float | None = None  # the sample's share inside verbatim training spans (memorization.py); None: unchecked
 
     @property
     def passed(self) -> int:
@@ -243,8 +245,11 @@ def load_cases(path: str | Path = CASES_PATH) -> list[Case]:
     return cases
 
 
-def run_case(model: GPT, tokenizer: Tokenizer, case: Case) -> CaseResult:
-    """Sample one case and run its checks; a crash fails the case instead of ending the run."""
+def run_case(
+    model: GPT, tokenizer: Tokenizer, case: Case, copied: Callable[[str, str], float] | None = None
+) -> CaseResult:
+    """Sample one case and run its checks; a crash fails the case instead of ending the run. `copied(sample, prompt)`,
+    when given, is the memorization check: the generated text's copied share (not of a refused prompt)."""
     started = time.perf_counter()
     result = CaseResult(case.name, {name: None for name in case.checks})
     # what the char tokenizer must refuse: the oracle for the refusal check, independent of the tokenizer's code
@@ -273,6 +278,8 @@ def run_case(model: GPT, tokenizer: Tokenizer, case: Case) -> CaseResult:
             pieces.append(stream.feed(token_id))
         streamed = "".join(pieces)
         result.sample = streamed + stream.flush()
+        if copied is not None:
+            result.copied = copied(result.sample, case.prompt)
 
         def greedy(n: int, kv_cache: bool) -> list[int]:
             greedy_settings = dataclasses.replace(settings, max_new_tokens=n, temperature=0.0, kv_cache=kv_cache)
@@ -304,15 +311,20 @@ def run_case(model: GPT, tokenizer: Tokenizer, case: Case) -> CaseResult:
 
 
 def run_cases(
-    model: GPT, tokenizer: Tokenizer, cases: list[Case] | None = None, progress: bool = False
+    model: GPT,
+    tokenizer: Tokenizer,
+    cases: list[Case] | None = None,
+    progress: bool = False,
+    copied: Callable[[str, str], float] | None = None,
 ) -> list[CaseResult]:
-    """Run the cases (default: inference_cases.json) on the model's device; the model's train/eval mode is kept."""
+    """Run the cases (default: inference_cases.json) on the model's device; the model's train/eval mode is kept.
+    copied: the memorization check's share of a sample given its prompt (see run_case), or None."""
     cases = load_cases() if cases is None else cases
     was_training = model.training
     model.eval()  # no dropout in the samples or the held-out loss
     results = []
     for i, case in enumerate(cases, 1):
-        results.append(run_case(model, tokenizer, case))
+        results.append(run_case(model, tokenizer, case, copied))
         if progress:
             r = results[-1]
             print(f"case {i:>2}/{len(cases)} {case.name}: {r.passed}/{r.total} checks, {r.seconds:.1f}s", flush=True)
@@ -321,22 +333,28 @@ def run_cases(
 
 
 def format_table(results: list[CaseResult], sample_width: int = 60) -> str:
-    """One row per case (name, checks passed, held-out loss, the sample's start), then a summary and the failures."""
+    """One row per case (name, checks passed, held-out loss, copied share, the sample's start), then a summary and
+    the failures. A share not measured (no check, a refused prompt) shows as '-'."""
     width = max(len("case"), *(len(r.name) for r in results))
-    lines = [f"{'case':<{width}}  {'checks':<6}  {'loss':>6}  sample", "-" * (width + 24 + sample_width)]
+    rule = "-" * (width + 32 + sample_width)
+    lines = [f"{'case':<{width}}  {'checks':<6}  {'loss':>6}  {'copied':>6}  sample", rule]
     for r in results:
         checks = f"{r.passed}/{r.total}"
         loss = f"{r.loss:6.3f}" if r.loss is not None else f"{'-':>6}"
+        copied = f"{r.copied:6.1%}" if r.copied is not None else f"{'-':>6}"
         sample = json.dumps(r.sample, ensure_ascii=False)[1:-1]  # newlines as \n, so each case keeps one line
         if len(sample) > sample_width:
             sample = sample[: sample_width - 3] + "..."
-        lines.append(f"{r.name:<{width}}  {checks:<6}  {loss}  {sample}")
+        lines.append(f"{r.name:<{width}}  {checks:<6}  {loss}  {copied}  {sample}")
     passed, total = sum(r.passed for r in results), sum(r.total for r in results)
     losses = [r.loss for r in results if r.loss is not None]
+    shares = [r.copied for r in results if r.copied is not None]
     summary = f"{len(results)} cases: {passed}/{total} checks passed"
     if losses:
         summary += f"; mean held-out loss {sum(losses) / len(losses):.3f} over {len(losses)} cases"
-    lines += ["-" * (width + 24 + sample_width), summary]
+    if shares:
+        summary += f"; mean copied share {sum(shares) / len(shares):.1%}"
+    lines += [rule, summary]
     for r in results:
         if r.failed:
             lines.append(f"FAILED {r.name}: {', '.join(r.failed)}" + (f" ({r.error})" if r.error else ""))

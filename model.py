@@ -1,7 +1,8 @@
 """The transformer: token ids in, logits (or, given targets, the loss) out.
 
-Read top to bottom: attention (with the learned attention sink), MLP, block, the GPT itself, then the KV cache
-and `generate` for sampling. This file knows nothing of data, optimizers or logging.
+Read top to bottom: attention (with the learned attention sink), MLP, block, the optional one-token look-back
+(--smear, --bigram_embedding), the GPT itself, then the KV cache and `generate` for sampling. This file knows
+nothing of data, optimizers or logging.
 """
 
 from __future__ import annotations
@@ -14,12 +15,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from config import Config, UserError
+from config import Config, UserError, bigram_rows, check_bigram_rows
 
 
 def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
     """Matmuls are faster when the vocab is a multiple of 64; the extra ids get -inf logits."""
     return math.ceil(vocab_size / multiple) * multiple
+
+
+def make_norm(cfg: Config, dim: int) -> nn.Module:
+    """The norm before each block and the head: RMSNorm (a gain), or GPT-2's LayerNorm (a gain and a bias)."""
+    return nn.LayerNorm(dim) if cfg.norm == "layernorm" else nn.RMSNorm(dim)
+
+
+ACTIVATIONS = {
+    "relu2": lambda h: F.relu(h).square(),
+    "gelu": F.gelu,
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),  # GPT-2's "gelu_new"
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,8 +106,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.embedding_dim, 3 * cfg.embedding_dim, bias=False)
-        self.proj = nn.Linear(cfg.embedding_dim, cfg.embedding_dim, bias=False)
+        self.qkv = nn.Linear(cfg.embedding_dim, 3 * cfg.embedding_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.embedding_dim, cfg.embedding_dim, bias=cfg.bias)
         self.q_norm = nn.RMSNorm(cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(cfg.head_dim) if cfg.qk_norm else None
         self.sink = nn.Parameter(torch.zeros(cfg.num_heads)) if cfg.attn_sink else None
@@ -120,14 +133,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.fc = nn.Linear(cfg.embedding_dim, 4 * cfg.embedding_dim, bias=False)
-        self.proj = nn.Linear(4 * cfg.embedding_dim, cfg.embedding_dim, bias=False)
-        self.relu2 = cfg.activation == "relu2"
+        self.fc = nn.Linear(cfg.embedding_dim, 4 * cfg.embedding_dim, bias=cfg.bias)
+        self.proj = nn.Linear(4 * cfg.embedding_dim, cfg.embedding_dim, bias=cfg.bias)
+        self.activation = ACTIVATIONS[cfg.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)
-        h = F.relu(h).square() if self.relu2 else F.gelu(h)
-        return self.proj(h)
+        return self.proj(self.activation(self.fc(x)))
 
 
 class Block(nn.Module):
@@ -135,9 +146,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.embedding_dim)
+        self.attn_norm = make_norm(cfg, cfg.embedding_dim)
         self.attn = Attention(cfg)
-        self.mlp_norm = nn.RMSNorm(cfg.embedding_dim)
+        self.mlp_norm = make_norm(cfg, cfg.embedding_dim)
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -146,6 +157,33 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, layer))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Looking one token back (--smear, --bigram_embedding): each token's embedding also learns from the token before it.
+# Both start as zeros, a no-op, and are made without random draws, so the rest of the model's init (for a seed) is
+# the same as without them: an ablation compares the same start. GPT.look_back wires them in.
+
+
+class Smear(nn.Module):
+    """modded-nanogpt's smear: x_t + scale * sigmoid(gate . x_t[:width]) * x_{t-1}, with x_{t-1} the previous token's
+    embedding (zero before a sequence's first token). One gate value per position, from the first `width` channels."""
+
+    def __init__(self, dim: int, width: int = 12):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(min(width, dim)))
+        self.scale = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(x[..., : self.gate.numel()] @ self.gate).unsqueeze(-1)
+        return x + self.scale * gate * previous
+
+
+def bigram_embedding(cfg: Config, vocab_size: int) -> nn.Embedding:
+    """A table with a row for every (previous id, id) pair and one for every id with no previous one: row
+    (previous + 1) * vocab_size + id, previous = -1 at a sequence's first position. UserError for a large vocabulary."""
+    check_bigram_rows(vocab_size, cfg.tokenizer)
+    return nn.Embedding.from_pretrained(torch.zeros(bigram_rows(vocab_size), cfg.embedding_dim), freeze=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,10 +197,13 @@ class GPT(nn.Module):
         self.padded_vocab = padded_vocab_size(vocab_size)
         self.token_emb = nn.Embedding(self.padded_vocab, cfg.embedding_dim)
         self.pos_emb = nn.Embedding(cfg.context_len, cfg.embedding_dim) if cfg.pos_emb == "learned" else None
+        self.smear = Smear(cfg.embedding_dim) if cfg.smear else None
+        self.bigram_emb = bigram_embedding(cfg, vocab_size) if cfg.bigram_embedding else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_blocks))
-        self.final_norm = nn.RMSNorm(cfg.embedding_dim)
-        self.lm_head = nn.Linear(cfg.embedding_dim, self.padded_vocab, bias=False)
+        self.final_norm = make_norm(cfg, cfg.embedding_dim)
+        # tied: the head is the token table itself (one tensor, so no second copy in the state dict)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.embedding_dim, self.padded_vocab, bias=False)
         cos, sin = rotary_tables(cfg.head_dim, cfg.context_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -172,10 +213,15 @@ class GPT(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Unit-variance activations at any depth: fan-in init for input matrices, zero for every matrix that writes
-        into the residual stream (each block starts as the identity) and for the head (first loss = log(vocab))."""
+        into the residual stream (each block starts as the identity) and for the head (first loss = log(vocab)).
+        Biases start at zero; a tied token table is the head too, so it gets the head's fan-in scale, not zero.
+        The look-back (smear, bigram table) starts at zero: a no-op."""
+        zero = ("lm_head.", "smear.", "bigram_emb.")  # the head, and the look-back (a no-op at first)
         for name, p in self.named_parameters():
-            if name.endswith("proj.weight") or name == "lm_head.weight" or name.endswith(".sink"):
+            if name.endswith(("proj.weight", ".sink", ".bias")) or name.startswith(zero):
                 nn.init.zeros_(p)
+            elif name == "token_emb.weight" and self.lm_head is None:
+                nn.init.normal_(p, std=p.size(1) ** -0.5)
             elif name.endswith("emb.weight"):
                 nn.init.normal_(p, std=1.0)
             elif p.dim() == 2:
@@ -198,6 +244,8 @@ class GPT(nn.Module):
         if start + t > self.cfg.context_len:
             raise ValueError(f"sequence of {start + t} tokens is longer than context_len {self.cfg.context_len}")
         x = self.token_emb(idx)
+        if self.smear is not None or self.bigram_emb is not None:
+            x = self.look_back(x, idx, cache)
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start, start + t, device=idx.device))
         x = self.dropout(x)
@@ -206,7 +254,9 @@ class GPT(nn.Module):
             x = block(x, cos, sin, cache, layer)
         if cache is not None:
             cache.length += t
-        logits = self.lm_head(self.final_norm(x))
+            cache.last_ids = idx[:, -1:]
+        x = self.final_norm(x)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.token_emb.weight)
         if self.cfg.logit_softcap:
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         logits = logits.masked_fill(self.vocab_mask, float("-inf"))
@@ -214,10 +264,23 @@ class GPT(nn.Module):
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
 
+    def look_back(self, x: torch.Tensor, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """The token embeddings x of idx with --smear and --bigram_embedding applied. Each needs the id before every
+        position: -1 (none) before a sequence's first, or with a cache the last id it was fed, so feeding a sequence
+        piece by piece gives what feeding it whole does."""
+        before = cache.last_ids if cache is not None and cache.length else idx.new_full((idx.size(0), 1), -1)
+        previous = torch.cat((before, idx[:, :-1]), dim=1)
+        if self.smear is not None:
+            x = self.smear(x, self.token_emb(previous.clamp(min=0)) * (previous >= 0).unsqueeze(-1))
+        if self.bigram_emb is not None:
+            x = x + self.bigram_emb((previous + 1) * self.vocab_size + idx)
+        return x
+
     def num_params(self) -> dict[str, int]:
-        """Parameter counts: total, embeddings (token and learned positions), and the rest (head included)."""
+        """Parameter counts: total, embeddings (token, learned positions, bigrams), and the rest (head included)."""
         total = sum(p.numel() for p in self.parameters())
-        embedding = self.token_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+        tables = (self.token_emb, self.pos_emb, self.bigram_emb)
+        embedding = sum(table.weight.numel() for table in tables if table is not None)
         return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 
 
@@ -233,6 +296,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # advanced by GPT.forward once every block has written
+        self.last_ids: torch.Tensor | None = None  # (batch, 1): the id fed last, the one before the next (look_back)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.size(2)

@@ -1,4 +1,4 @@
-"""Muon for the hidden matrices, AdamW for everything else, and the learning-rate schedule.
+"""Muon for the hidden matrices, AdamW for everything else, the learning-rate schedule, and weight averaging (EMA).
 
 Muon (Keller Jordan, 2024): SGD with Nesterov momentum whose update is replaced by the nearest semi-orthogonal
 matrix, found with a quintic Newton-Schulz iteration in bf16. We implement the variant of modded-nanogpt's
@@ -9,12 +9,16 @@ width. Same-shape matrices are orthogonalised together in one batched matmul cha
 Under torchrun the gradients arrive averaged by DDP, every rank keeps the same momenta, and the Newton-Schulz
 work is shared: each rank orthogonalises its slice of every same-shape stack, then all ranks gather the results.
 With --torch_compile (one process), each group's momentum + Newton-Schulz update runs as one compiled graph.
+--muon_ns_coeffs polar_express swaps the one quintic for Polar Express's polynomial per step (see POLAR_EXPRESS).
+EMA (--ema_decay) keeps an exponential moving average of the weights in a shadow copy of the model (see the class).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,20 +26,46 @@ from torch import nn
 
 from config import Config
 
+# Each Newton-Schulz step maps every singular value s to a s + b s^3 + c s^5. Keller Jordan's quintic repeats one
+# polynomial, steep at 0, so 5 steps lift small values into roughly [0.7, 1.2]. Polar Express (Amsel, Persson, Musco,
+# Gower 2025, arXiv:2505.16932) picks each step's polynomial to be minimax-optimal for the interval the previous steps
+# leave, which ends closer to 1 in the same steps. Its coefficients below were computed for 5 steps with safety factor
+# 2e-2 and cushion 2, as modded-nanogpt's train_gpt.py lists them; like it, the input is scaled to a spectral norm of at
+# most 1 / 1.02 (the polynomials' margin for bf16 error). Fewer steps take the first ones; more repeat the last (which
+# holds singular values near 1: its fixed point ~1.035 attracts).
+QUINTIC = (3.4445, -4.7750, 2.0315)
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+NS_SAFETY = {"quintic": 1.0, "polar_express": 1.02}
 
-def newton_schulz(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+
+def ns_coefficients(kind: str, steps: int) -> list[tuple[float, float, float]]:
+    """(a, b, c) of each of `steps` Newton-Schulz steps, for --muon_ns_coeffs quintic or polar_express."""
+    if kind == "quintic":
+        return [QUINTIC] * steps
+    return [POLAR_EXPRESS[min(i, len(POLAR_EXPRESS) - 1)] for i in range(steps)]
+
+
+def newton_schulz(
+    update: torch.Tensor, steps: int = 5, coefficients: str = "quintic", eps: float = 1e-7
+) -> torch.Tensor:
     """Approximately U V^T of update = U S V^T, for one matrix (m, n) or a stack (b, m, n).
 
     The quintic iteration pushes every singular value into roughly [0.7, 1.2] in 5 steps; exact orthogonality
     is not needed, speed is. Runs in bf16 (the iteration is robust to it) on the wider orientation.
+    coefficients: "quintic" or "polar_express" (see POLAR_EXPRESS above).
     """
-    a, b, c = 3.4445, -4.7750, 2.0315
     x = update.bfloat16()
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * NS_SAFETY[coefficients] + eps)  # spectral <= Frobenius norm <= 1
+    for a, b, c in ns_coefficients(coefficients, steps):
         gram = x @ x.mT
         poly = (
             torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
@@ -48,12 +78,14 @@ def newton_schulz(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> to
     return (x.mT if tall else x).to(update.dtype)
 
 
-def sharded_newton_schulz(updates: torch.Tensor, steps: int, rank: int, world_size: int) -> torch.Tensor:
+def sharded_newton_schulz(
+    updates: torch.Tensor, steps: int, coefficients: str, rank: int, world_size: int
+) -> torch.Tensor:
     """newton_schulz of a stack (b, m, n) shared by all ranks: rank r orthogonalises matrices [r * k, (r + 1) * k)
     of the stack zero-padded to k * world_size (zeros stay zeros), then one all-gather hands every rank all of them."""
     share = math.ceil(len(updates) / world_size)
     padded = torch.cat((updates, updates.new_zeros(share * world_size - len(updates), *updates.shape[1:])))
-    mine = newton_schulz(padded[rank * share : (rank + 1) * share], steps).bfloat16()  # exact: NS works in bf16
+    mine = newton_schulz(padded[rank * share : (rank + 1) * share], steps, coefficients).bfloat16()  # (NS is bf16)
     gathered = mine.new_empty(padded.shape)
     dist.all_gather_into_tensor(gathered, mine)
     return gathered[: len(updates)].to(updates.dtype)
@@ -65,9 +97,9 @@ def momentum_updates(grads: list[torch.Tensor], buffers: list[torch.Tensor], mom
     return torch.stack(torch._foreach_lerp(grads, buffers, momentum) if nesterov else buffers)  # g + m * (buf - g)
 
 
-def orthogonal_updates(grads, buffers, momentum: float, nesterov: bool, steps: int) -> torch.Tensor:
+def orthogonal_updates(grads, buffers, momentum: float, nesterov: bool, steps: int, coefficients: str) -> torch.Tensor:
     """momentum_updates then newton_schulz: one function, so torch.compile fuses the casts and elementwise work."""
-    return newton_schulz(momentum_updates(grads, buffers, momentum, nesterov), steps)
+    return newton_schulz(momentum_updates(grads, buffers, momentum, nesterov), steps, coefficients)
 
 
 def by_shape(params: list[nn.Parameter]) -> dict[torch.Size, list[nn.Parameter]]:
@@ -88,14 +120,14 @@ class Muon(torch.optim.Optimizer):
         momentum: float = 0.95,
         nesterov: bool = True,
         ns_steps: int = 5,
+        ns_coefficients: str = "quintic",
         weight_decay: float = 0.0,
         compile: bool = False,
         rank: int = 0,
         world_size: int = 1,
     ):
-        super().__init__(
-            params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay)
-        )
+        hyper = dict(momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, ns_coefficients=ns_coefficients)
+        super().__init__(params, dict(lr=lr, **hyper, weight_decay=weight_decay))
         # compiled: ~1.3 of ~14 ms saved per step at --preset nanogpt-cpu (fewer passes over the stacked updates)
         self.compiled_updates = torch.compile(orthogonal_updates, dynamic=False) if compile else None
         self.rank, self.world_size = rank, world_size  # this process's place in a torchrun job (0 of 1 without)
@@ -110,13 +142,14 @@ class Muon(torch.optim.Optimizer):
                 grads = [p.grad for p in params]
                 buffers = [self._momentum_buffer(p) for p in params]
                 momentum, nesterov, steps = group["momentum"], group["nesterov"], group["ns_steps"]
+                coefficients = group["ns_coefficients"]
                 if (
                     self.world_size > 1
                 ):  # every rank holds the same updates (DDP averaged the gradients): share the work
                     stack = momentum_updates(grads, buffers, momentum, nesterov)
-                    orthogonal = sharded_newton_schulz(stack, steps, self.rank, self.world_size)
+                    orthogonal = sharded_newton_schulz(stack, steps, coefficients, self.rank, self.world_size)
                 else:
-                    orthogonal = self._orthogonal_updates(grads, buffers, momentum, nesterov, steps)
+                    orthogonal = self._orthogonal_updates(grads, buffers, momentum, nesterov, steps, coefficients)
                 if group["weight_decay"]:
                     torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
                 scale = math.sqrt(max(1.0, shape[0] / shape[1]))
@@ -131,16 +164,17 @@ class Muon(torch.optim.Optimizer):
             for same in by_shape(group["params"]).values():
                 zeros = [torch.zeros_like(p) for p in same]
                 buffers = [torch.zeros_like(p) for p in same]
-                self._orthogonal_updates(zeros, buffers, group["momentum"], group["nesterov"], group["ns_steps"])
+                hyper = group["momentum"], group["nesterov"], group["ns_steps"], group["ns_coefficients"]
+                self._orthogonal_updates(zeros, buffers, *hyper)
 
-    def _orthogonal_updates(self, grads, buffers, momentum: float, nesterov: bool, steps: int) -> torch.Tensor:
+    def _orthogonal_updates(self, grads, buffers, momentum: float, nesterov: bool, steps: int, coefficients: str):
         if self.compiled_updates is not None:
             try:
-                return self.compiled_updates(grads, buffers, momentum, nesterov, steps)
+                return self.compiled_updates(grads, buffers, momentum, nesterov, steps, coefficients)
             except Exception as error:  # a compiler failure (raised before any buffer changed) must not stop training
                 print(f"warning: torch.compile of Muon's update failed ({type(error).__name__}); running it eagerly")
                 self.compiled_updates = None
-        return orthogonal_updates(grads, buffers, momentum, nesterov, steps)
+        return orthogonal_updates(grads, buffers, momentum, nesterov, steps, coefficients)
 
     def _momentum_buffer(self, p: torch.Tensor) -> torch.Tensor:
         state = self.state[p]
@@ -182,6 +216,7 @@ def build_optimizers(
                 hidden,
                 lr=cfg.muon_lr,
                 ns_steps=cfg.muon_ns_steps,
+                ns_coefficients=cfg.muon_ns_coeffs,
                 weight_decay=cfg.weight_decay,
                 compile=compile,
                 rank=rank,
@@ -219,3 +254,42 @@ def set_lr(optimizers: list[torch.optim.Optimizer], multiplier: float) -> None:
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * multiplier
+
+
+class EMA:
+    """An exponential moving average of a model's weights: `model`, a shadow copy of the model given (fp32, on its
+    device, no gradients) whose parameters follow the trained ones after every optimizer step (update()). It is a
+    whole model, so evaluation, sampling and the inference cases use it as they use the trained one, and the raw
+    weights never move for it (no swapping in and out).
+
+    Warm-up: update k (k = 0, 1, ..., counted in `updates`) uses the decay min(decay, (1 + k) / (10 + k)), as
+    tf.train.ExponentialMovingAverage does with num_updates. Without it the random init would keep decay ** k of the
+    average (0.999 ** 1000 = 37%); with it the init's share is 9! k! / (k + 9)! (1e-5 after 10 updates), and the
+    average spans about the last ninth of the steps so far until `decay` takes over after ~9 / (1 - decay) updates
+    (9,000 for 0.999). So the average is usable at every evaluation and in short runs. Under torchrun every rank
+    holds the same weights, hence the same average, with no communication.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).float().requires_grad_(False)
+        self.averaged = list(self.model.parameters())
+        self.sources = list(model.parameters())  # (the same order: the copy has the same modules)
+
+    def current_decay(self) -> float:
+        """The decay of the next update (the warm-up above)."""
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """average = decay * average + (1 - decay) * weights, for every parameter at once."""
+        torch._foreach_lerp_(self.averaged, [p.detach().float() for p in self.sources], 1 - self.current_decay())
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"weights": the average as a model state dict, "updates": how many updates made it}."""
+        return {"weights": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["weights"])
+        self.updates = state["updates"]

@@ -4,6 +4,7 @@ Reads only the run files that train.py writes, runs/<run>/config.json and runs/<
 nothing of the project. The picture has four panels, one line per run named after its folder: train (solid) and
 val (dashed) loss against steps and against training time, the learning rate, and throughput. The table gives
 each run's final and best val loss, tok/s, MFU, training time and parameter count; it is printed with every plot.
+plot_arms draws an ablation's runs grouped by arm (ablate.py's val_loss.png).
 Bad input is one `error: ...` line on stderr and exit status 2: a path that is not a run folder, or whose
 metrics.jsonl or config.json is not a regular file (a FIFO or a device could be read forever). Damaged contents,
 which a crash can leave, are skipped with one `warning: ...` line per file instead: lines that are not step records,
@@ -269,14 +270,23 @@ def plot_runs(runs: list[Run], out: str | Path) -> Path:
     ]
     loss_steps.legend(handles=styles, loc="upper right", fontsize="small")
     fig.legend(loc="outside upper center", ncols=min(len(runs), 4), title="runs", fontsize="small")
-    finite = sorted(v for run in runs for key in ("loss", "val_loss") for v in _values(run.records, key))
-    if finite:  # the first steps sit at log(vocab), far above the rest: clip them so the differences show
+    finite = [v for run in runs for key in ("loss", "val_loss") for v in _values(run.records, key)]
+    for ax in (loss_steps, loss_time):
+        _clip_losses(ax, finite)
+    return _save(fig, out)
+
+
+def _clip_losses(ax: Any, values: list[float]) -> None:
+    """The first steps sit at log(vocab), far above the rest: clip them so the differences show."""
+    finite = sorted(values)
+    if finite:
         top = finite[min(len(finite) - 1, int(0.95 * len(finite)))]
         bottom = finite[0]
         pad = 0.05 * max(top - bottom, 1e-3)
-        for ax in (loss_steps, loss_time):
-            ax.set_ylim(bottom - pad, top + pad * 4)
+        ax.set_ylim(bottom - pad, top + pad * 4)
 
+
+def _save(fig: Figure, out: str | Path) -> Path:
     out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -284,6 +294,37 @@ def plot_runs(runs: list[Run], out: str | Path) -> Path:
     except (OSError, ValueError) as error:
         raise PlotError(f"cannot write the plot to {out}: {error}") from None
     return out
+
+
+def plot_arms(arms: dict[str, list[Run]], out: str | Path, title: str = "") -> Path:
+    """An ablation's picture (ablate.py): val loss against steps, one colour per arm; each run (a seed) a thin
+    line with its final val loss (whole split) as a star, the arm's mean over its seeds a thick line at the steps
+    every seed evaluated. Returns the image's path."""
+    fig = Figure(figsize=(10, 6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for i, (name, runs) in enumerate(arms.items()):
+        color = f"C{i % 10}"
+        curves = [dict(zip(*_points(run.records, "step", "val_loss"), strict=True)) for run in runs]
+        for run, curve in zip(runs, curves, strict=True):
+            ax.plot(list(curve), list(curve.values()), color=color, lw=0.8, marker="o", ms=2.5, alpha=0.45)
+            if run.final:
+                ax.plot(*_points([run.final], "step", "val_loss"), color=color, marker="*", ms=9, ls="none")
+        steps = sorted(set.intersection(*map(set, curves))) if curves else []
+        mean = [statistics.fmean(curve[step] for curve in curves) for step in steps]
+        ax.plot(steps, mean, color=color, lw=2.5, label=f"{name} ({len(runs)} seed{'s' * (len(runs) != 1)})")
+    ax.set(title=title or "val loss per arm", xlabel="step", ylabel="val loss")
+    ax.grid(alpha=0.3)
+    styles = [
+        Line2D([], [], color="0.3", lw=0.8, marker="o", ms=2.5, label="one seed (fixed val batches)"),
+        Line2D([], [], color="0.3", lw=2.5, label="mean over seeds"),
+        Line2D([], [], color="0.3", marker="*", ms=9, ls="none", label="final val (whole split)"),
+    ]
+    ax.legend(handles=styles, loc="upper right", fontsize="small")
+    fig.legend(loc="outside right upper", fontsize="small", title="arms")
+    every_run = [run for group in arms.values() for run in group]
+    _clip_losses(ax, [v for run in every_run for v in _values([*run.records, *filter(None, [run.final])], "val_loss")])
+    return _save(fig, out)
 
 
 class _OneLineParser(argparse.ArgumentParser):

@@ -3,8 +3,14 @@
 Loads a checkpoint (a step_* folder, or a run folder's latest), then streams each sample to the terminal as the
 tokens come. With the KV cache (unless --kv_cache False) each new token costs one position. When the text outgrows
 the model's context_len, generation goes on by re-encoding: the window restarts from the last context_len // 2
-tokens, which are encoded afresh into a new cache (model.generate). With --cases it runs the inference cases of
-inference_cases.json instead and prints a table: checks passed, held-out loss, the sample.
+tokens, which are encoded afresh into a new cache (model.generate). A checkpoint trained with --ema_decay holds the
+average of its weights too (ema.safetensors): that is the model sampled unless --weights raw asks for the trained
+weights themselves. With --cases it runs the inference cases of
+inference_cases.json instead and prints a table: checks passed, held-out loss, copied share, the sample.
+The memorization check (memorization.py) gives each sample's copied share: the share of its characters inside spans
+of at least --copy_check_chars characters (default 32; 0 = off) found verbatim in the checkpoint's training split,
+which is read again from its config's data_path; when that data is gone, changed or too large, a one-line note says
+so and sampling goes on.
 Bad input is one `error: ...` line on stderr and exit status 2; --cases exits 1 when a check fails. The numeric
 flags follow inference.Settings: --temperature finite, 0 to 1e30 (under 1e-6 it is greedy, its limit), --top_k a
 positive integer, --top_p in (0, 1] (under 1e-6 greedy too), --max_new_tokens and --num_samples positive integers
@@ -15,6 +21,7 @@ FIFO or a device (/dev/zero) is refused unopened.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -22,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import load_checkpoint
+from checkpoint import EMA_FILE, load_checkpoint, read_checkpoint, resolve_checkpoint
 from config import OneLineParser, UserError, flag_type
 from inference import CASES_PATH, Settings, StreamDecoder, encode_prompt, format_table, load_cases, run_cases
+from memorization import COPY_CHARS, CopyIndex, checkpoint_index, describe
 from model import GPT
 from tokenizer import Tokenizer, tokenizer_from_dict
 from utils import check_regular_file, resolve_device
@@ -40,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     default = Settings()  # the sampling defaults live in one place
     add = parser.add_argument
     add("--checkpoint", required=True, help="a step_* checkpoint folder, or a run folder (uses its latest)")
+    add(
+        "--weights",
+        choices=("ema", "raw"),
+        help="the weight average (ema.safetensors, from --ema_decay) or the raw weights (default: ema when the "
+        "checkpoint has it, else raw)",
+    )
     add("--prompt", default="", help="text to continue (empty: start from the tokenizer's start token)")
     add("--prompt_file", help="read the prompt from this UTF-8 file instead")
     add(
@@ -78,21 +92,31 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cases", type=boolean, nargs="?", const=True, default=False, help="run the inference cases instead")
     add("--cases_file", default=str(CASES_PATH), help="with --cases: the cases to run (default: inference_cases.json)")
     add("--out", help="with --cases: also write the results as JSON here")
+    add(
+        "--copy_check_chars",
+        type=integer,
+        default=COPY_CHARS,
+        help="the memorization check: report the share of each sample inside spans of at least this many characters "
+        "copied verbatim from the training split; 0 = off (default: %(default)s)",
+    )
     return parser
 
 
-def load_model(checkpoint: str, device_name: str) -> tuple[GPT, Tokenizer]:
+def load_model(checkpoint: str, device_name: str, weights: str | None = None) -> tuple[GPT, Tokenizer, str]:
+    """(model, tokenizer, which weights: "ema" or "raw"); weights None: the EMA when the checkpoint has one."""
     device = resolve_device(device_name)
     if not Path(checkpoint).exists():
         raise UserError(
             f"--checkpoint {checkpoint} does not exist; pass a step_* folder or a run folder (models/<run>)"
         )
-    model, tokenizer_dict, _ = load_checkpoint(checkpoint, device)
+    folder = resolve_checkpoint(checkpoint, usable_for="sample")  # (here, to know which weights it holds)
+    model, tokenizer_dict, _ = load_checkpoint(folder, device, weights)
+    which = "ema" if weights != "raw" and (folder / EMA_FILE).is_file() else "raw"
     try:
         tokenizer = tokenizer_from_dict(tokenizer_dict)
     except (KeyError, TypeError):
         raise UserError(f"checkpoint {checkpoint} has a damaged tokenizer.json; use an earlier step_* folder") from None
-    return model.eval(), tokenizer
+    return model.eval(), tokenizer, which
 
 
 @torch.no_grad()
@@ -105,6 +129,20 @@ def check_logits(model: GPT, prompt_ids: list[int], checkpoint: str) -> None:
             f"checkpoint {checkpoint} gives NaN or infinite logits for this prompt (its weights overflow: a diverged "
             "run?); use an earlier step_* folder"
         )
+
+
+def check_copy_chars(args: argparse.Namespace) -> None:
+    if args.copy_check_chars < 0:
+        raise UserError(f"--copy_check_chars must be 0 (off) or a positive integer, got {args.copy_check_chars}")
+
+
+def copy_index(args: argparse.Namespace, model: GPT) -> CopyIndex | None:
+    """The memorization check's index of the checkpoint's training split, or None: off, or skipped with a note."""
+    if args.copy_check_chars == 0:
+        return None
+    state = read_checkpoint(resolve_checkpoint(args.checkpoint, usable_for="sample", notice=False))[2]
+    with contextlib.redirect_stdout(sys.stderr):  # preparing a text's token cache again prints; stdout is the samples'
+        return checkpoint_index(model.cfg, state.get("data"), args.copy_check_chars, file=sys.stderr)
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -127,10 +165,12 @@ def sample(args: argparse.Namespace) -> int:
     settings = Settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, args.kv_cache)
     if args.num_samples <= 0:
         raise UserError(f"--num_samples must be a positive integer, got {args.num_samples}")
+    check_copy_chars(args)
     prompt = read_prompt(args)  # before the model loads, so a bad flag fails fast
-    model, tokenizer = load_model(args.checkpoint, args.device)
+    model, tokenizer, weights = load_model(args.checkpoint, args.device, args.weights)
     prompt_ids = encode_prompt(tokenizer, prompt)
     check_logits(model, prompt_ids, args.checkpoint)
+    index = copy_index(args, model)  # once, before the samples (a fraction of a second for Tiny Shakespeare)
     if len(prompt_ids) > model.cfg.context_len:
         print(
             f"note: the prompt is {len(prompt_ids)} tokens, more than context_len {model.cfg.context_len}; "
@@ -142,17 +182,21 @@ def sample(args: argparse.Namespace) -> int:
     for i in range(args.num_samples):
         stream = StreamDecoder(tokenizer)
         sys.stdout.write(prompt)
-        started, count = time.perf_counter(), 0
+        started, count, pieces = time.perf_counter(), 0, []
         for token_id in settings.sample(model, prompt_ids, generator):
-            sys.stdout.write(stream.feed(token_id))
+            pieces.append(stream.feed(token_id))
+            sys.stdout.write(pieces[-1])
             sys.stdout.flush()
             count += 1
-        sys.stdout.write(stream.flush() + "\n" + "-" * 40 + "\n")
+        pieces.append(stream.flush())
+        sys.stdout.write(pieces[-1] + "\n" + "-" * 40 + "\n")
         sys.stdout.flush()
         seconds = time.perf_counter() - started
+        share = index.copied_share("".join(pieces), prompt) if index is not None else None
+        copied = f"{describe(share, index.chars)}, " if share is not None else ""
         print(
             f"[sample {i + 1}/{args.num_samples}: {count} tokens in {seconds:.1f}s, {count / seconds:.1f} tok/s, "
-            f"kv cache {'on' if settings.kv_cache else 'off'}]",
+            f"kv cache {'on' if settings.kv_cache else 'off'}, {copied}{weights} weights]",
             file=sys.stderr,
             flush=True,
         )
@@ -160,14 +204,22 @@ def sample(args: argparse.Namespace) -> int:
 
 
 def cases(args: argparse.Namespace) -> int:
+    check_copy_chars(args)
     case_list = load_cases(args.cases_file)
-    model, tokenizer = load_model(args.checkpoint, args.device)
-    results = run_cases(model, tokenizer, case_list, progress=True)
+    model, tokenizer, weights = load_model(args.checkpoint, args.device, args.weights)
+    index = copy_index(args, model)
+    copied = index.copied_share if index is not None else None
+    results = run_cases(model, tokenizer, case_list, progress=True, copied=copied)
     print(format_table(results))
+    if index is not None:
+        print(f"copied: the share of each sample inside spans of {index.chars}+ characters of the training split")
+    print(f"weights: {weights}{f' ({EMA_FILE})' if weights == 'ema' else ''}")
     if args.out:
         payload = {
             "checkpoint": args.checkpoint,
+            "weights": weights,
             "cases_file": args.cases_file,
+            "copy_check_chars": index.chars if index is not None else None,  # what each result's "copied" counts
             "results": [r.to_dict() for r in results],
         }
         try:

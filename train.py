@@ -26,6 +26,7 @@ from checkpoint import Resume, read_resume, saved_config
 from config import Config, UserError, parse_args
 from data import TrainBatches, load_dataset, to_device, token_fingerprint
 from distributed import Distributed, init_distributed
+from export import load_pretrained
 from model import GPT
 from optimizer import Muon, build_optimizers
 from records import RunRecorder, claim_run, lock_run, run_name
@@ -122,6 +123,8 @@ def setup(
     dataset = load_dataset(cfg)
     tokenizer, train_ids, val_ids = dataset.tokenizer, dataset.train, dataset.val
     model = GPT(cfg, tokenizer.vocab_size).to(device)
+    if cfg.init_from and not resume:  # GPT-2's weights (a resumed run has its own)
+        load_pretrained(model, cfg.init_from)
     optimizers = build_optimizers(model, cfg, compile_it, ctx.rank, ctx.world_size)
     batches = TrainBatches(train_ids, cfg.batch_size, cfg.context_len, cfg.seed, device, ctx.rank, ctx.world_size)
     if ctx.rank:  # its own dropout masks; rank 0 keeps the single-process stream (resume restores each rank's own)
@@ -174,6 +177,7 @@ def setup(
         if isinstance(optimizer, Muon):
             optimizer.warm_up()
     if resume:
+        resume.restore_ema(trainer.ema)
         resume.restore_rng(ctx.rank)
     state.interval_start = time.perf_counter()
     return trainer, state

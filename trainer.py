@@ -23,8 +23,9 @@ from config import Config, UserError, is_kind
 from data import TrainBatches, bits_per_byte, fixed_val_batches, full_val_batches, to_device
 from distributed import Distributed
 from inference import format_table, run_cases
+from memorization import describe, training_index
 from model import GPT, generate
-from optimizer import lr_multiplier, set_lr
+from optimizer import EMA, lr_multiplier, set_lr
 from records import RunRecorder
 from tokenizer import Tokenizer
 from utils import StopSignals, flops_per_token, format_duration, format_line, human
@@ -166,7 +167,10 @@ def evaluate(
 @dataclass
 class Trainer:
     """One training job's parts, wired by setup(). step() is one optimizer step (bench/bench_train.py times it with
-    the first group of fields alone); log(), final_evaluation(), save() and finish() serve the loop in run()."""
+    the first group of fields alone); log(), final_evaluation(), save() and finish() serve the loop in run().
+    With --ema_decay, `ema` (optimizer.EMA) averages the model's weights after every step; every evaluation reports
+    the average's loss beside the raw weights' (val_loss_ema), the checkpoints hold it (ema.safetensors) and the
+    end-of-run samples and inference cases come from it. Without, `ema` is None and nothing of it runs."""
 
     cfg: Config
     model: GPT  # the plain model: evaluation, saving, sampling
@@ -185,9 +189,11 @@ class Trainer:
     peak: float | None = None  # FLOP/s of all the devices in use, for MFU
     val_bytes: int | None = None  # UTF-8 bytes of the validation split (data.val_bytes), for bits per byte
     final_bpb: float | None = None  # the final evaluation's bits per byte, for finish(); None when unknown
+    final_ema: tuple[float, float | None] | None = None  # the final evaluation of the average: loss, bits per byte
 
     def __post_init__(self) -> None:
         cfg, self.device = self.cfg, next(self.model.parameters()).device
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None  # (a resume loads the saved one into it)
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # what the gradient clipping sees
         self.tokens_per_step = cfg.batch_size * cfg.context_len * cfg.accumulation_steps * self.ctx.world_size
         matrices = self.model.num_params()["non_embedding"]
@@ -226,6 +232,8 @@ class Trainer:
             state.first_bad_step = torch.where(finite | (state.first_bad_step > 0), state.first_bad_step, step)
             for optimizer in self.optimizers:
                 optimizer.step()
+            if self.ema is not None:
+                self.ema.update()
             state.loss_sum += step_loss
             state.loss_count, state.skipped_in_a_row = state.loss_count + 1, 0
         self.model.zero_grad(set_to_none=True)
@@ -256,16 +264,21 @@ class Trainer:
         if evaluate_now:
             eval_start = time.perf_counter()
             record["val_loss"] = round(evaluate(self.model, self.val_fixed, self.autocast, self.device, self.ctx), 5)
-            state.best_val_loss = min(state.best_val_loss, record["val_loss"])
+            state.best_val_loss = min(state.best_val_loss, record["val_loss"])  # (of the raw weights)
+            if self.ema is not None:
+                ema_loss = evaluate(self.ema.model, self.val_fixed, self.autocast, self.device, self.ctx)
+                record["val_loss_ema"] = round(ema_loss, 5)
             state.eval_seconds += time.perf_counter() - eval_start
         self.recorder.log(record)
-        print(format_line(record, self.total_steps), flush=True)
+        ema_part = f" | ema {record['val_loss_ema']:.4f}" if "val_loss_ema" in record else ""
+        print(format_line(record, self.total_steps) + ema_part, flush=True)
         state.loss_sum.zero_()
         state.loss_count, state.interval_start, state.interval_steps = 0, time.perf_counter(), 0
 
     def final_evaluation(self, state: LoopState, signals: StopSignals) -> float | None:
         """The loss over the whole validation split, or its first --val_tokens targets, recorded with its bits per
-        byte as the run's final record; None if a stop signal came during it."""
+        byte as the run's final record (with --ema_decay, the average's too: val_loss_ema, val_bpb_ema); None if a
+        stop signal came during it."""
         check_finite(state)
         cfg, split_tokens = self.cfg, len(self.val_ids)
         scope = self.final_scope()
@@ -273,23 +286,31 @@ class Trainer:
         print(f"final evaluation on the {scope} ({split_tokens} tokens) ...", flush=True)
         eval_start = time.perf_counter()
         batches = full_val_batches(self.val_ids, cfg.batch_size, cfg.context_len, cfg.val_tokens)
-        val = evaluate(self.model, batches, self.autocast, self.device, self.ctx, lambda: bool(signals.signum))
+
+        def loss_of(model: GPT) -> float:  # NaN when a stop signal came during it
+            return evaluate(model, batches, self.autocast, self.device, self.ctx, lambda: bool(signals.signum))
+
+        val = loss_of(self.model)
+        ema_val = loss_of(self.ema.model) if self.ema is not None and not math.isnan(val) else None
         state.eval_seconds += time.perf_counter() - eval_start
-        if math.isnan(val):
+        if math.isnan(val) or (ema_val is not None and math.isnan(ema_val)):
             return None
         state.best_val_loss = min(state.best_val_loss, val)
         self.final_bpb = bits_per_byte(val, split_tokens, self.val_bytes)
         targets = sum(int((y != -1).sum()) for _, y in batches)
-        self.recorder.log(
-            {
-                "step": state.step,
-                "val_loss": round(val, 5),
-                "val_bpb": None if self.final_bpb is None else round(self.final_bpb, 5),
-                "val_targets": targets,  # the targets the loss is the mean over
-                "final": True,
-                "elapsed_s": round(state.train_seconds, 3),
-            }
-        )
+        record = {
+            "step": state.step,
+            "val_loss": round(val, 5),
+            "val_bpb": None if self.final_bpb is None else round(self.final_bpb, 5),
+            "val_targets": targets,  # the targets the loss is the mean over
+            "final": True,
+            "elapsed_s": round(state.train_seconds, 3),
+        }
+        if ema_val is not None:
+            self.final_ema = (ema_val, bits_per_byte(ema_val, split_tokens, self.val_bytes))
+            ema_bpb = self.final_ema[1]
+            record |= {"val_loss_ema": round(ema_val, 5), "val_bpb_ema": None if ema_bpb is None else round(ema_bpb, 5)}
+        self.recorder.log(record)
         return val
 
     def final_scope(self) -> str:
@@ -312,28 +333,33 @@ class Trainer:
         rng = {**rngs[0], "ranks": rngs[1:]} if self.ctx.active else rngs[0]
         tokenizer, keep = self.tokenizer.to_dict(), self.cfg.keep_checkpoints
         written = (self.save_dir, state.step, self.model, tokenizer, self.optimizers, state.state_dict(), rng)
-        return save_checkpoint(*written, keep, protect=state.resumed_from)  # (never the checkpoint resumed from)
+        ema = self.ema.state_dict() if self.ema is not None else None
+        return save_checkpoint(*written, keep, protect=state.resumed_from, ema=ema)  # (protect: the resumed one)
 
     def finish(self, state: LoopState, signals: StopSignals, final_val: float | None) -> dict[str, Any]:
-        """Samples and inference cases (unless stopped by a signal), the closing lines, and the run's summary."""
+        """Samples and inference cases (unless stopped by a signal; from the weight average with --ema_decay), the
+        closing lines, and the run's summary."""
         cfg, step, checkpoint, samples = self.cfg, state.step, state.last_checkpoint, []
+        model = self.ema.model if self.ema is not None else self.model  # (the weights sample.py takes by default)
         stopped_by = signal.Signals(signals.signum).name if signals.signum else None
+        checked = not stopped_by and self.ctx.is_main and (cfg.num_samples or cfg.run_cases)  # the memorization check
+        index = training_index(self.tokenizer, self.batches.tokens) if checked else None  # (None: skipped, noted)
         if stopped_by:
             saved = f"saved {checkpoint}; continue with --resume {self.save_dir}" if checkpoint else "nothing saved"
             print(f"stopped by {stopped_by} after step {step}: {saved}", flush=True)
         elif cfg.num_samples and self.ctx.is_main:
-            print(f"--- {cfg.num_samples} samples ---")
+            print(f"--- {cfg.num_samples} samples{' (EMA weights)' if self.ema is not None else ''} ---")
             generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
             for i in range(cfg.num_samples):
                 if signals.signum:  # a stop signal between two samples: the rest are skipped
                     break
-                ids = generate(
-                    self.model, [self.tokenizer.start_id], cfg.sample_tokens, 0.8, 200, None, True, generator
-                )
+                ids = generate(model, [self.tokenizer.start_id], cfg.sample_tokens, 0.8, 200, None, True, generator)
                 samples.append(self.tokenizer.decode(list(ids)))
-                print(f"[sample {i + 1}]\n{samples[-1].strip()}\n", flush=True)
+                copied = f": {describe(index.copied_share(samples[-1]), index.chars)}" if index is not None else ""
+                print(f"[sample {i + 1}{copied}]\n{samples[-1].strip()}\n", flush=True)
         run_them = cfg.run_cases and not signals.signum and self.ctx.is_main
-        cases = run_cases(self.model, self.tokenizer, progress=True) if run_them else []
+        copied = index.copied_share if index is not None else None
+        cases = run_cases(model, self.tokenizer, progress=True, copied=copied) if run_them else []
         if cases:
             print(format_table(cases), flush=True)
         tok_per_s = step * self.tokens_per_step / max(state.train_seconds, 1e-9)
@@ -345,12 +371,18 @@ class Trainer:
             )
             bpb = f", {self.final_bpb:.3f} bits/byte" if self.final_bpb is not None else ""
             print(f"final val loss {final_val:.4f} ({self.final_scope()}){bpb}, best {state.best_val_loss:.4f}")
+            if self.final_ema is not None:
+                ema_val, ema_bpb = self.final_ema
+                ema_bits = f", {ema_bpb:.3f} bits/byte" if ema_bpb is not None else ""
+                print(f"final EMA val loss {ema_val:.4f} (decay {cfg.ema_decay}){ema_bits}")
             print(f"records: {self.recorder.dir}" + (f" | checkpoint: {checkpoint}" if checkpoint else ""), flush=True)
         return {
             "run": self.recorder.name,
             "steps": step,
             "final_val_loss": final_val,
             "final_val_bpb": self.final_bpb,
+            "final_val_loss_ema": self.final_ema[0] if self.final_ema is not None else None,
+            "final_val_bpb_ema": self.final_ema[1] if self.final_ema is not None else None,
             "best_val_loss": state.best_val_loss,
             "train_seconds": state.train_seconds,
             "eval_seconds": state.eval_seconds,

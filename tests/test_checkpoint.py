@@ -11,6 +11,7 @@ from conftest import assert_same_optimizer_state, assert_same_tensors, randomize
 from safetensors.torch import load_file, save_file
 
 from checkpoint import (
+    EMA_FILE,
     LATEST,
     check_rng_state,
     load_checkpoint,
@@ -24,7 +25,7 @@ from checkpoint import (
 )
 from config import FIELDS, UserError
 from model import GPT
-from optimizer import build_optimizers
+from optimizer import EMA, build_optimizers
 from tokenizer import TIKTOKEN_VOCAB_SIZES, CharTokenizer, build_tokenizer, check_tokenizer_dict, tokenizer_from_dict
 
 VOCAB = 65
@@ -329,3 +330,73 @@ def test_a_run_folder_passes_over_a_damaged_newest_checkpoint(tmp_path, capsys):
     assert unusable(older, "resume") == "no optimizer.pt: it can be sampled from, not resumed"
     with pytest.raises(UserError, match=f"no earlier step_\\* folder of {run} is usable either"):
         resolve_checkpoint(run, "resume")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The weight average (--ema_decay): ema.safetensors beside model.safetensors
+
+
+def _averaged(model: GPT, updates: int = 3) -> EMA:
+    """An optimizer.EMA of `model` whose weights differ from it (another random draw), after `updates` updates."""
+    ema = EMA(model, 0.9)
+    randomize(ema.model, seed=9)
+    ema.updates = updates
+    return ema
+
+
+def test_the_average_is_saved_beside_the_weights_and_sampled_by_default(tmp_path):
+    model = _model()
+    ema = _averaged(model)
+    folder = save_checkpoint(tmp_path / "run", 7, model, TOKENIZER, ema=ema.state_dict())
+    assert {p.name for p in folder.iterdir()} == {
+        "model.safetensors",
+        EMA_FILE,
+        "config.json",
+        "tokenizer.json",
+        "state.json",
+    }
+    assert_same_tensors(load_file(folder / EMA_FILE), ema.model.state_dict())
+    for weights, expected in ((None, ema.model), ("ema", ema.model), ("raw", model)):
+        assert torch.equal(_logits(load_checkpoint(folder, weights=weights)[0]), _logits(expected)), weights
+    assert torch.equal(_logits(load_checkpoint(tmp_path / "run")[0]), _logits(ema.model))  # a run folder too
+    assert unusable(folder, "sample") is None
+
+
+def test_asking_for_an_average_the_checkpoint_lacks_is_one_line(tmp_path):
+    folder = save_checkpoint(tmp_path, 1, _model(), TOKENIZER)
+    with pytest.raises(
+        UserError, match=r"has no averaged weights \(no ema.safetensors: it was trained without"
+    ) as info:
+        load_checkpoint(folder, weights="ema")
+    assert "\n" not in str(info.value) and "--weights raw" in str(info.value)
+    with pytest.raises(ValueError, match="weights must be 'ema', 'raw' or None"):
+        load_checkpoint(folder, weights="best")
+
+
+@pytest.mark.parametrize(
+    "metadata, needle",
+    [
+        (None, "got None"),
+        ({"updates": "-1"}, "got '-1'"),
+        ({"updates": "٣"}, "got '٣'"),  # a digit to str.isdigit, not to a count
+        ({"updates": "8"}, "from 0 to the step (7), got '8'"),
+    ],
+)
+def test_the_update_count_is_checked(tmp_path, metadata, needle):
+    model = _model()
+    folder = save_checkpoint(tmp_path / "run", 7, model, TOKENIZER, ema=_averaged(model).state_dict())
+    save_file(load_file(folder / EMA_FILE), folder / EMA_FILE, metadata=metadata)
+    fault = unusable(folder, "sample")  # (what makes a run folder pass over it)
+    assert fault.startswith("ema.safetensors: its metadata must hold an update count") and needle in fault, fault
+    with pytest.raises(UserError, match="damaged or incomplete \\(ema.safetensors: its metadata must hold an update"):
+        load_checkpoint(folder)
+    assert torch.equal(_logits(load_checkpoint(folder, weights="raw")[0]), _logits(model))  # the step folder: raw
+
+
+def test_a_checkpoint_saved_with_ema_needs_it_to_resume(tmp_path):
+    model = _model(ema_decay=0.9)
+    folder = save_checkpoint(
+        tmp_path / "run", 1, model, TOKENIZER, _trained_optimizers(model), rng=rng_state(torch.device("cpu"))
+    )
+    assert unusable(folder, "resume") == "no ema.safetensors: it can be sampled from, not resumed"
+    assert unusable(folder, "sample") is None

@@ -298,7 +298,8 @@ def test_big_real_shapes_are_not_refused(tokenizer):
     assert parse_args([*gpt2_xl, "--pos_emb", "learned", "--tokenizer", tokenizer]).pos_emb == "learned"
     assert parse_args(["--tokenizer", tokenizer]) == Config(tokenizer=tokenizer)  # the GPU defaults
     for name in PRESETS:
-        parse_args(["--preset", name, "--tokenizer", tokenizer])
+        if "init_from" not in PRESETS[name]:  # (pretrained weights fix their tokenizer: test_bad_init_from_...)
+            parse_args(["--preset", name, "--tokenizer", tokenizer])
 
 
 def test_two_typos_at_once_name_the_size_flags():
@@ -373,3 +374,105 @@ def test_overwrite_newer_is_declared_after_resume():
     assert Config().overwrite_newer is False
     assert parse_args(["--overwrite_newer", "True"]).overwrite_newer is True
     assert "--overwrite_newer" in build_parser().format_help()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPT-2's flags and --init_from (issue 15; the folder and download cases: test_export.py)
+
+
+def test_gpt2_flags_change_weight_shapes_so_they_must_match_on_resume():
+    from model import GPT
+
+    base = dict(num_blocks=2, num_heads=2, embedding_dim=16, context_len=8)
+    shapes = {n: p.shape for n, p in GPT(Config(**base), 65).state_dict().items()}
+    for name, value in {"norm": "layernorm", "bias": True, "tie_embeddings": True}.items():
+        other = {n: p.shape for n, p in GPT(Config(**{**base, name: value}), 65).state_dict().items()}
+        assert other != shapes, name
+        assert FIELDS[name].metadata["on_resume"] == config.MATCH, name
+    assert FIELDS["activation"].metadata["on_resume"] == config.MATCH  # gelu_tanh: same shapes, other function
+    assert FIELDS["init_from"].metadata["on_resume"] == config.FREE  # a resumed run has its weights
+
+
+def test_init_from_a_gpt2_name_sets_its_flags_without_a_download():
+    cfg = parse_args(["--init_from", "gpt2-medium", "--context_len", "256"])
+    assert (cfg.num_blocks, cfg.num_heads, cfg.embedding_dim, cfg.context_len) == (24, 16, 1024, 256)
+    assert {name: getattr(cfg, name) for name in config.GPT2_ARCHITECTURE} == config.GPT2_ARCHITECTURE
+    assert parse_args(["--init_from", "gpt2-xl"]).context_len == 1024  # GPT-2's positions unless given
+    assert parse_args(["--preset", "cpu", "--init_from", "gpt2"]).embedding_dim == 768  # over a preset's shape
+    shakespeare = parse_args(["--preset", "gpt2-shakespeare"])
+    assert shakespeare.init_from == "gpt2" and shakespeare.embedding_dim == 768 and not shakespeare.use_muon
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--init_from", "gpt3"], "neither a GPT-2 name"),
+        (["--init_from", "gpt2", "--tokenizer", "char"], "leave out --tokenizer char"),
+        (["--init_from", "gpt2", "--pos_emb", "rope"], "leave out --pos_emb rope"),
+        (["--init_from", "gpt2", "--context_len", "2048"], "--context_len 1024 or less"),
+        (["--norm", "batchnorm"], "--norm"),
+    ],
+)
+def test_bad_init_from_and_gpt2_flags_are_one_line(argv, needle):
+    assert needle in _one_line_error(argv)
+
+
+def test_a_resumed_run_does_not_look_for_its_init_from_again():
+    saved = parse_args(["--init_from", "gpt2"]).to_dict() | {"init_from": "/a/folder/since/deleted"}
+    cfg = parse_args(["--resume", "models/r"], base=saved)
+    assert cfg.init_from == "/a/folder/since/deleted" and cfg.embedding_dim == 768
+
+
+def test_a_checkpoint_from_before_the_gpt2_flags_still_loads(tmp_path):
+    """Its config.json lacks norm, bias and tie_embeddings; their defaults are the model it was saved with."""
+    import json
+
+    import torch
+    from conftest import randomize, tiny_config
+
+    from checkpoint import load_checkpoint, save_checkpoint
+    from model import GPT
+    from tokenizer import CharTokenizer
+
+    model = randomize(GPT(tiny_config(), 5))
+    folder = save_checkpoint(tmp_path, 1, model, CharTokenizer("abcde").to_dict())
+    saved = json.loads((folder / "config.json").read_text())
+    old = {name: value for name, value in saved.items() if name not in (*config.MATCH_ADDED_LATER, "init_from")}
+    (folder / "config.json").write_text(json.dumps(old))
+    loaded, _, _ = load_checkpoint(folder)
+    assert all(torch.equal(loaded.state_dict()[n], p) for n, p in model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The data-limited techniques (issue 14): --smear, --bigram_embedding, --muon_ns_coeffs; each off by default
+
+
+def test_the_techniques_are_off_by_default_and_their_resume_rules():
+    for cfg in (Config(), parse_args([]), *(parse_args(["--preset", name]) for name in PRESETS)):
+        assert (cfg.smear, cfg.bigram_embedding, cfg.muon_ns_coeffs) == (False, False, "quintic")
+    assert FIELDS["smear"].metadata["on_resume"] == config.MATCH  # they add weights
+    assert FIELDS["bigram_embedding"].metadata["on_resume"] == config.MATCH
+    assert {"smear", "bigram_embedding"} <= set(config.MATCH_ADDED_LATER)  # absent from older checkpoints: off
+    assert FIELDS["muon_ns_coeffs"].metadata["on_resume"] == config.NOTICE  # the same weights, other dynamics
+    cfg = parse_args(
+        ["--smear", "True", "--bigram_embedding=1", "--tokenizer", "char", "--muon_ns_coeffs", "polar_express"]
+    )
+    assert (cfg.smear, cfg.bigram_embedding, cfg.muon_ns_coeffs) == (True, True, "polar_express")
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "o200k_base"])
+def test_a_bigram_table_of_a_large_vocabulary_is_one_line(tokenizer):
+    message = _one_line_error(["--bigram_embedding", "True", "--tokenizer", tokenizer])
+    assert f"--bigram_embedding needs a small vocabulary: {tokenizer}'s" in message
+    assert "use --tokenizer char or --bigram_embedding False" in message
+    assert parse_args(["--bigram_embedding", "False", "--tokenizer", tokenizer]).bigram_embedding is False
+
+
+def test_the_look_back_cannot_start_from_gpt2():
+    assert "leave out --smear" in _one_line_error(["--init_from", "gpt2", "--smear", "True"])
+    message = _one_line_error(["--init_from", "gpt2", "--bigram_embedding=1"])
+    assert "--bigram_embedding needs a small vocabulary" in message
+
+
+def test_an_unknown_ns_coefficient_set_is_one_line():
+    assert "--muon_ns_coeffs" in _one_line_error(["--muon_ns_coeffs", "cubic"])

@@ -10,8 +10,11 @@ file of step_000004 and then
   reads the damaged part (sampled()), else the model;
 - loads the run folder: for a damage that sampling reads, a `notice:` and step_000002 (the fallback), else step 4.
 The cases are generated from the files' own writers: config.json's keys from Config, state.json's from
-trainer.LoopState, optimizer.pt's from build_optimizers, rng.pt's from rng_state, model.safetensors' from GPT; so a
-field added to any of them is damaged here too. The module fixture checks that the samples match the saved files.
+trainer.LoopState, optimizer.pt's from build_optimizers, rng.pt's from rng_state, model.safetensors' from GPT,
+ema.safetensors' (the run averages its weights: --ema_decay) from optimizer.EMA; so a field added to any of them is
+damaged here too. The module fixture checks that the samples match the saved files. Sampling loads the raw weights
+(load_checkpoint's weights="raw"), except for the cases of ema.safetensors, which load what sample.py loads by
+default: the average when the checkpoint has one.
 """
 
 from __future__ import annotations
@@ -26,15 +29,16 @@ from typing import Any
 import pytest
 import torch
 from conftest import argv_of, run_values, synthetic_text, write_text
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import train
 import trainer
-from checkpoint import LATEST, load_checkpoint, rng_state, step_folders
-from config import FIELDS, FREE, MATCH, NOTICE, Config, UserError
+from checkpoint import EMA_FILE, LATEST, load_checkpoint, rng_state, step_folders
+from config import FIELDS, FREE, MATCH, MATCH_ADDED_LATER, NOTICE, Config, UserError
 from data import TrainBatches, token_fingerprint
 from model import GPT
-from optimizer import build_optimizers
+from optimizer import EMA, build_optimizers
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
@@ -42,7 +46,7 @@ TEXT = synthetic_text(3_000)
 VOCAB = len(set(TEXT))
 # 1 block x 2 heads x 16 dim, 4 steps saved at 2 and 4; --peak_flops skips the CPU probe
 RUN = dict(num_blocks=1, num_heads=2, embedding_dim=16, max_steps=4, warmup_steps=1, save_model=True, save_every=2)
-RUN |= dict(peak_flops=1e12)
+RUN |= dict(peak_flops=1e12, ema_decay=0.5)
 NEWEST, EARLIER = "step_000004", "step_000002"
 
 
@@ -61,11 +65,14 @@ def _samples() -> dict[str, Any]:
     )
     with torch.device("meta"):
         model = GPT(cfg, VOCAB)
+    ema = EMA(model, cfg.ema_decay).state_dict()
     return {
         "config.json": cfg.to_dict(),
         "state.json": {"step": 4, "vocab_size": VOCAB, **loop.state_dict()},
         "tokenizer.json": {"name": "char", "chars": "abc"},
         "weights": {name: tuple(t.shape) for name, t in model.state_dict().items()},
+        "ema_weights": {name: tuple(t.shape) for name, t in ema["weights"].items()},
+        "ema_metadata": sorted(key for key in ema if key != "weights"),  # (ema.safetensors' metadata: the rest)
         "optimizers": len(build_optimizers(GPT(cfg, VOCAB), cfg)),
         "rng": sorted(rng_state(torch.device("cpu"))),
     }
@@ -162,24 +169,57 @@ def json_cases() -> list[tuple[str, str, Callable[[Path], None]]]:
     return cases
 
 
-def rewrite_weights(change: Callable[[dict], None]) -> Callable[[Path], None]:
+def rewrite_weights(change: Callable[[dict], None], name: str = "model.safetensors") -> Callable[[Path], None]:
+    """change(tensors) of a safetensors file of the checkpoint, in place; its metadata is kept."""
+
     def damage(folder: Path) -> None:
-        weights = load_file(folder / "model.safetensors")
+        with safe_open(folder / name, "pt") as file:
+            weights, metadata = {k: file.get_tensor(k) for k in file.keys()}, file.metadata()  # noqa: SIM118
         change(weights)
-        save_file(weights, folder / "model.safetensors")
+        save_file(weights, folder / name, metadata=metadata)
 
     return damage
 
 
-def weight_cases() -> list[tuple[str, str, Callable[[Path], None]]]:
-    name = "model.safetensors"
+def rewrite_metadata(change: Callable[[dict], None], name: str = EMA_FILE) -> Callable[[Path], None]:
+    def damage(folder: Path) -> None:
+        with safe_open(folder / name, "pt") as file:
+            metadata = file.metadata() or {}
+        change(metadata)
+        save_file(load_file(folder / name), folder / name, metadata=metadata)
+
+    return damage
+
+
+def weight_cases(name: str = "model.safetensors", keys: str = "weights") -> list[tuple[str, str, Callable]]:
     cases = [(name, "truncated_to_0", truncate(name, 0)), (name, "truncated_to_half", truncate(name, 0.5))]
     cases.append((name, "header_garbage", lambda f: (f / name).write_bytes(b"\xff" * 8 + (f / name).read_bytes()[8:])))
-    cases.append((name, "extra_tensor", rewrite_weights(lambda w: w.update({"extra.weight": torch.zeros(3)}))))
-    for key in SAMPLES["weights"]:
-        cases.append((name, f"{key}-missing", rewrite_weights(lambda w, k=key: w.pop(k))))
-        cases.append((name, f"{key}-reshaped", rewrite_weights(lambda w, k=key: w.update({k: w[k].flatten()[:-1]}))))
-        cases.append((name, f"{key}-nan", rewrite_weights(lambda w, k=key: w[k].view(-1)[:1].fill_(math.nan))))
+    cases.append((name, "extra_tensor", rewrite_weights(lambda w: w.update({"extra.weight": torch.zeros(3)}), name)))
+    for key in SAMPLES[keys]:
+        cases.append((name, f"{key}-missing", rewrite_weights(lambda w, k=key: w.pop(k), name)))
+        reshaped = rewrite_weights(lambda w, k=key: w.update({k: w[k].flatten()[:-1]}), name)
+        cases.append((name, f"{key}-reshaped", reshaped))
+        cases.append((name, f"{key}-nan", rewrite_weights(lambda w, k=key: w[k].view(-1)[:1].fill_(math.nan), name)))
+    return cases
+
+
+METADATA_DAMAGES: dict[str, Callable[[str], str]] = {  # kind -> the damaged value of a metadata entry (digits)
+    "negative": lambda v: f"-{v}",
+    "other_type": lambda v: "x",
+    "fraction": lambda v: f"{v}.5",
+    "above_step": lambda v: str(int(v) + 1),  # (an update per optimizer step at most)
+}
+
+
+def ema_cases() -> list[tuple[str, str, Callable[[Path], None]]]:
+    """ema.safetensors: damaged as model.safetensors is, its metadata entries too, or deleted (a checkpoint of a run
+    with --ema_decay needs it to resume; sampling takes the raw weights then)."""
+    cases = weight_cases(EMA_FILE, "ema_weights") + [(EMA_FILE, "deleted", lambda f: (f / EMA_FILE).unlink())]
+    for key in SAMPLES["ema_metadata"]:
+        cases.append((EMA_FILE, f"{key}-missing", rewrite_metadata(lambda m, k=key: m.pop(k))))
+        for kind, make in METADATA_DAMAGES.items():
+            change = rewrite_metadata(lambda m, k=key, make=make: m.update({k: make(m[k])}))
+            cases.append((EMA_FILE, f"{key}-{kind}", change))
     return cases
 
 
@@ -276,13 +316,14 @@ def rng_cases() -> list[tuple[str, str, Callable[[Path], None]]]:
     return cases
 
 
-CASES = json_cases() + weight_cases() + optimizer_cases() + rng_cases()
+CASES = json_cases() + weight_cases() + ema_cases() + optimizer_cases() + rng_cases()
 
 # Damages that are no damage, by design, as for a checkpoint written before these keys were: (file, case) -> what
 # the resumed run's output must say. A config.json without a flag whose resume rule is NOTICE or FREE takes the
 # default (a NOTICE one in the resume notice); a state.json without data, world_size or wandb_id skips the data
 # check, assumes one rank, starts a new wandb run (trainer.LoopState).
 ACCEPTED = {("state.json", f"{key}-missing"): "" for key in ("data", "world_size", "wandb_id")}
+ACCEPTED |= {("config.json", f"{name}-missing"): "" for name in MATCH_ADDED_LATER}  # (their default: the old model)
 ACCEPTED |= {
     ("config.json", f"{name}-missing"): f"--{name} {f.default} (not in its config.json)" if rule == NOTICE else ""
     for name, f in FIELDS.items()
@@ -291,10 +332,13 @@ ACCEPTED |= {
 
 
 def sampled(file: str, case: str) -> bool:
-    """Whether load_checkpoint (sampling) reads the damaged part: the weights, config and tokenizer, and state.json's
-    step and vocab_size (or all of it); never optimizer.pt, rng.pt or the loop's keys. (ACCEPTED: none.)"""
+    """Whether load_checkpoint (sampling) reads the damaged part: the weights (the raw ones, or the average for the
+    cases of ema.safetensors), config and tokenizer, and state.json's step and vocab_size (or all of it); never
+    optimizer.pt, rng.pt or the loop's keys; nor a deleted ema.safetensors (then the raw weights). (ACCEPTED: none.)"""
     if (file, case) in ACCEPTED:
         return False
+    if file == EMA_FILE:
+        return case != "deleted"
     if file in ("config.json", "tokenizer.json", "model.safetensors"):
         return True
     return file == "state.json" and (case.split("-")[0] in ("step", "vocab_size") or "-" not in case)
@@ -316,6 +360,9 @@ def trained(tmp_path_factory) -> Path:
         saved = json.loads((run / NEWEST / name).read_text())
         assert json_shape(saved) == json_shape(SAMPLES[name]), name
     assert {k: tuple(v.shape) for k, v in load_file(run / NEWEST / "model.safetensors").items()} == SAMPLES["weights"]
+    assert {k: tuple(v.shape) for k, v in load_file(run / NEWEST / EMA_FILE).items()} == SAMPLES["ema_weights"]
+    with safe_open(run / NEWEST / EMA_FILE, "pt") as file:
+        assert sorted(file.metadata()) == SAMPLES["ema_metadata"]
     assert len(torch.load(run / NEWEST / "optimizer.pt", weights_only=True)) == SAMPLES["optimizers"]
     assert sorted(torch.load(run / NEWEST / "rng.pt", weights_only=True)) == SAMPLES["rng"]
     return tmp
@@ -355,18 +402,19 @@ def test_damaged_file_is_refused_in_one_line(trained, tmp_path, capsys, file, ca
     folder = run / NEWEST
     damage(folder)
     capsys.readouterr()
+    weights = None if file == EMA_FILE else "raw"  # (see the module docstring)
 
     # sampling: the step folder itself, then the run folder (which passes over a damaged newest checkpoint)
     if sampled(file, case):
         with pytest.raises(UserError) as info:
-            load_checkpoint(folder)
+            load_checkpoint(folder, weights=weights)
         assert_one_line(info.value)
         assert str(folder) in str(info.value)
     else:
-        assert load_checkpoint(folder)[2]["step"] == 4
-    looked_at = not (file == "model.safetensors" and case.endswith("-nan"))  # (NaN weights: found when loaded)
+        assert load_checkpoint(folder, weights=weights)[2]["step"] == 4
+    looked_at = not (file in ("model.safetensors", EMA_FILE) and case.endswith("-nan"))  # (NaN: found when loaded)
     if sampled(file, case) and looked_at:
-        assert load_checkpoint(run)[2]["step"] == 2
+        assert load_checkpoint(run, weights=weights)[2]["step"] == 2
         notice = capsys.readouterr().out.splitlines()
         named = "model.safetensors" if case == "another_width" else file  # (the weights don't fit that config)
         assert len(notice) == 1 and notice[0].startswith(
@@ -375,10 +423,10 @@ def test_damaged_file_is_refused_in_one_line(trained, tmp_path, capsys, file, ca
         assert notice[0].endswith(f"; using {EARLIER}, the newest usable checkpoint of {run}"), notice[0]
     elif sampled(file, case):
         with pytest.raises(UserError) as info:
-            load_checkpoint(run)
+            load_checkpoint(run, weights=weights)
         assert_one_line(info.value)
     else:
-        assert load_checkpoint(run)[2]["step"] == 4
+        assert load_checkpoint(run, weights=weights)[2]["step"] == 4
         assert capsys.readouterr().out == ""
 
     # resuming from the damaged step folder: one line, or (ACCEPTED) a normal resume
@@ -401,6 +449,7 @@ FALLBACK_CASES = [
     if case in ("truncated_to_0", "truncated_to_half", "whole_file_null", "whole_file_empty_dict")
     or case in ("num_blocks-missing", "step-negative", "vocab_size-other_type", "chars-missing", "a_char_fewer")
     or case in ("token_emb.weight-missing", "lm_head.weight-reshaped", "python-halved", "0-state_list")
+    or case in ("updates-missing", "updates-above_step")
 ]
 
 
@@ -442,13 +491,14 @@ def test_the_fallback_looks_no_further_than_latest(trained, tmp_path, capsys):
     assert "(config.json: lacks num_blocks, num_heads, embedding_dim, context_len and " in capsys.readouterr().out
 
 
-def test_a_checkpoint_without_training_state_is_passed_over_only_to_resume(trained, tmp_path, capsys):
+@pytest.mark.parametrize("name", ["rng.pt", EMA_FILE])
+def test_a_checkpoint_without_training_state_is_passed_over_only_to_resume(trained, tmp_path, capsys, name):
     run = copy_run(trained, tmp_path)
-    (run / NEWEST / "rng.pt").unlink()
-    assert load_checkpoint(run)[2]["step"] == 4  # sampling needs no rng.pt
+    (run / NEWEST / name).unlink()
+    assert load_checkpoint(run)[2]["step"] == 4  # sampling needs no rng.pt, and takes the raw weights without an EMA
     assert capsys.readouterr().out == ""
     status, out, err = resume(trained, tmp_path, run, capsys)
-    assert status == 0 and "(no rng.pt: it can be sampled from, not resumed)" in out, (out[-2000:], err)
+    assert status == 0 and f"(no {name}: it can be sampled from, not resumed)" in out, (out[-2000:], err)
 
 
 def test_keys_this_version_does_not_know_are_ignored(trained, tmp_path, capsys):

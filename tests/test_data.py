@@ -485,3 +485,21 @@ def test_ranks_asking_at_once_prepare_once(tmp_path, cache_dir):
     assert all(child.returncode == 0 for child in children)
     assert sum(line.startswith("prepared ") for out in outputs for line in out) == 1
     assert len({out[-1] for out in outputs}) == 1
+
+
+def test_an_offline_tokenizer_leaves_the_cache_alone(tmp_path, cache_dir, monkeypatch):
+    """tiktoken's files missing is a one-line error, not a "damaged" cache to delete and prepare again."""
+    import tokenizer
+
+    cfg = tiny_config(data_path=str(write_text(tmp_path / "t.txt", synthetic_text(3_000))), tokenizer="gpt2")
+    load_dataset(cfg)
+    (folder,) = (p for p in cache_dir.glob("*-gpt2-*") if p.is_dir())  # (beside it: its lock file)
+    shards_before = sorted(p.name for p in folder.iterdir())
+
+    def offline(self, name):
+        raise UserError(f"could not load the {name} tokenizer (ConnectionError); offline?")
+
+    monkeypatch.setattr(tokenizer.TiktokenTokenizer, "__init__", offline)
+    with pytest.raises(UserError, match="could not load the gpt2 tokenizer"):
+        load_dataset(cfg)
+    assert sorted(p.name for p in folder.iterdir()) == shards_before

@@ -203,9 +203,9 @@ def run_muon(
 
     real, sizes = optimizer.newton_schulz, []
 
-    def counted(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    def counted(update: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         sizes.append(len(update))
-        return real(update, steps)
+        return real(update, *args, **kwargs)
 
     optimizer.newton_schulz = counted
     try:

@@ -25,6 +25,7 @@ from inference import (
     run_case,
     run_cases,
 )
+from memorization import CopyIndex
 from model import GPT
 from tokenizer import CharTokenizer, build_tokenizer
 
@@ -348,3 +349,34 @@ def test_an_unexpected_refusal_fails_every_check(model):
     other = CharTokenizer("abcdefghijklmnopqrstuvwxyz \n")  # a char model trained on other text
     result = run_case(model, other, fast(case_named("romeo")))
     assert result.error and result.total == len(result.checks) and result.passed == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The memorization check in the cases
+
+
+def test_each_sampled_case_gets_its_copied_share_and_the_table_shows_it(model, tokenizer):
+    cases = [fast(case_named(name)) for name in ("romeo", "unseen_chars", "greedy")]
+    calls = []
+
+    def copied(sample, prompt):
+        calls.append((sample, prompt))
+        return 0.25
+
+    results = run_cases(model, tokenizer, cases, copied=copied)
+    assert calls == [(r.sample, c.prompt) for c, r in zip(cases, results, strict=True) if c.name != "unseen_chars"]
+    assert [r.copied for r in results] == [0.25, None, 0.25]  # a refused prompt generated nothing to check
+    table = format_table(results).splitlines()
+    assert table[0].endswith("  checks    loss  copied  sample")
+    assert " 25.0%  " in table[2] and "     -  refused: " in table[3]
+    assert table[-1].endswith("over 1 cases; mean copied share 25.0%")
+    unchecked = format_table(run_cases(model, tokenizer, cases[:1]))
+    assert "mean copied share" not in unchecked and unchecked.splitlines()[2].split()[3] == "-"
+
+
+def test_a_case_whose_sample_is_in_the_training_text_is_all_copied(model, tokenizer):
+    case = fast(case_named("romeo"))
+    sample = run_case(model, tokenizer, case).sample  # (seeded: the same sample every run)
+    index = CopyIndex("a training text holding " + case.prompt + sample + " and more", 32)
+    assert run_case(model, tokenizer, case, index.copied_share).copied == 1.0
+    assert run_case(model, tokenizer, case, CopyIndex(sample[:31], 32).copied_share).copied == 0.0

@@ -405,3 +405,84 @@ def test_rotary_keeps_dtype():
     cos, sin = rotary_tables(8, 4)
     x = torch.randn(1, 1, 4, 8).bfloat16()
     assert apply_rotary(x, cos, sin).dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (i) GPT-2's flags (issue 15), each on its own: norm, bias, tied head, GELU's tanh approximation
+
+BLOCKS = range(2)  # (tiny_config's)
+GPT2_FLAGS = {  # flag: (value, the tensors it adds, those it removes)
+    "norm": (
+        "layernorm",
+        {f"blocks.{i}.{n}.bias" for i in BLOCKS for n in ("attn_norm", "mlp_norm")} | {"final_norm.bias"},
+        set(),
+    ),
+    "bias": (
+        True,
+        {f"blocks.{i}.{n}.bias" for i in BLOCKS for n in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")},
+        set(),
+    ),
+    "tie_embeddings": (True, set(), {"lm_head.weight"}),
+    "activation": ("gelu_tanh", set(), set()),
+}
+
+
+@pytest.mark.parametrize("flag", list(GPT2_FLAGS))
+def test_each_gpt2_flag_alone_changes_only_its_weights(flag):
+    value, added, removed = GPT2_FLAGS[flag]
+    default = {n: p.shape for n, p in GPT(tiny_config(), VOCAB).state_dict().items()}
+    model = GPT(tiny_config(**{flag: value}), VOCAB)
+    shapes = {n: p.shape for n, p in model.state_dict().items()}
+    assert set(shapes) == (set(default) | added) - removed
+    assert {n: s for n, s in shapes.items() if n not in added} == {n: s for n, s in default.items() if n not in removed}
+    randomize(model)
+    idx = torch.randint(VOCAB, (2, model.cfg.context_len), generator=torch.Generator().manual_seed(0))
+    logits = model(idx)
+    assert logits.shape == (2, model.cfg.context_len, 128) and torch.isfinite(logits[..., :VOCAB]).all()
+    model(idx, idx).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_layernorm_and_biases_start_as_the_default_model_does():
+    """Zero biases and unit gains: the first loss is still log(vocab)."""
+    model = GPT(tiny_config(norm="layernorm", bias=True), VOCAB)
+    assert isinstance(model.final_norm, torch.nn.LayerNorm) and isinstance(
+        model.blocks[0].attn_norm, torch.nn.LayerNorm
+    )
+    assert all(p.eq(0).all() for n, p in model.named_parameters() if n.endswith(".bias"))
+    idx = torch.randint(VOCAB, (2, model.cfg.context_len), generator=torch.Generator().manual_seed(0))
+    assert model(idx, idx).item() == pytest.approx(math.log(VOCAB), abs=1e-5)
+
+
+def test_tied_head_is_the_token_table():
+    model = randomize(GPT(tiny_config(tie_embeddings=True), VOCAB))
+    assert model.lm_head is None and "lm_head.weight" not in model.state_dict()
+    idx = torch.randint(VOCAB, (2, model.cfg.context_len), generator=torch.Generator().manual_seed(0))
+    hidden = []
+    model.final_norm.register_forward_hook(lambda module, args, out: hidden.append(out))
+    logits = model(idx)
+    torch.testing.assert_close(logits[..., :VOCAB], (hidden[0] @ model.token_emb.weight.T)[..., :VOCAB])
+    assert model.num_params()["total"] == sum(p.numel() for p in model.parameters())  # the table counted once
+    fresh = GPT(tiny_config(tie_embeddings=True), VOCAB)  # a tied table has the head's scale, not N(0, 1)
+    assert fresh.token_emb.weight.std().item() == pytest.approx(fresh.cfg.embedding_dim**-0.5, rel=0.1)
+
+
+def test_gelu_tanh_is_gpt2s_approximation():
+    mlp = GPT(tiny_config(activation="gelu_tanh"), VOCAB).blocks[0].mlp
+    x = torch.randn(3, mlp.fc.in_features)
+    h = mlp.fc(x)
+    gpt2_gelu = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))  # GPT-2's "gelu_new"
+    torch.testing.assert_close(mlp(x), mlp.proj(gpt2_gelu))
+    assert not torch.allclose(F.gelu(h, approximate="tanh"), F.gelu(h), atol=1e-6, rtol=0)  # and not erf's GELU
+
+
+def test_kv_cache_matches_full_forward_in_the_gpt2_architecture():
+    cfg = tiny_config(pos_emb="learned", norm="layernorm", bias=True, tie_embeddings=True, activation="gelu_tanh")
+    cfg = tiny_config(cfg.to_dict(), qk_norm=False, attn_sink=False)
+    model = randomize(GPT(cfg, VOCAB), seed=1).eval()
+    idx = torch.randint(VOCAB, (2, cfg.context_len), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(cfg, 2, torch.device("cpu"), torch.float32)
+        pieces = [model(idx[:, :4], cache=cache)] + [model(idx[:, t : t + 1], cache=cache) for t in range(4, 16)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1)[..., :VOCAB], full[..., :VOCAB], atol=1e-5, rtol=1e-5)

@@ -9,7 +9,7 @@ import torch
 from conftest import randomize, tiny_config
 
 from model import GPT
-from optimizer import Muon, build_optimizers, lr_multiplier, newton_schulz, set_lr
+from optimizer import POLAR_EXPRESS, Muon, build_optimizers, lr_multiplier, newton_schulz, ns_coefficients, set_lr
 
 
 def conditioned(m: int, n: int, generator: torch.Generator, smallest: float = 0.02) -> torch.Tensor:
@@ -77,6 +77,96 @@ def test_batched_newton_schulz_equals_per_matrix(shape):
         torch.testing.assert_close(batched[i], newton_schulz(stack[i]), atol=1e-2, rtol=0)
         s = singular_values(batched[i])
         assert s.min() > 0.5 and s.max() < 1.3
+
+
+# --muon_ns_coeffs (issue 14): the quintic stays the default, bit for bit; Polar Express ends closer to one.
+
+
+def newton_schulz_before_polar_express(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """optimizer.newton_schulz as it was before --muon_ns_coeffs, verbatim: the default must still compute this."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = update.bfloat16()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        poly = (
+            torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            if x.dim() == 3
+            else torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        )
+        x = torch.baddbmm(x, poly, x, beta=a) if x.dim() == 3 else torch.addmm(x, poly, x, beta=a)
+    return (x.mT if tall else x).to(update.dtype)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (96, 24), (24, 96), (3, 48, 16), (3, 16, 48)])
+@pytest.mark.parametrize("steps", [1, 5, 7])
+def test_default_newton_schulz_is_bit_identical_to_before(shape, steps):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(steps))
+    expected = newton_schulz_before_polar_express(x, steps)
+    assert torch.equal(newton_schulz(x, steps), expected)
+    assert torch.equal(newton_schulz(x, steps, "quintic"), expected)
+
+
+@pytest.mark.parametrize("coefficients", ["quintic", "polar_express"])
+@pytest.mark.parametrize("shape", [(64, 64), (128, 32), (32, 128), (96, 24)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_both_iterations_drive_singular_values_toward_one(coefficients, shape, seed):
+    """Singular values spread over [0.02, 1] end in a band around one; Polar Express's band is narrower, and the
+    polar factor's directions are kept either way."""
+    x = conditioned(*shape, torch.Generator().manual_seed(seed))
+    y = newton_schulz(x, 5, coefficients)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    s = singular_values(y)
+    low, high = (0.6, 1.2) if coefficients == "quintic" else (0.8, 1.2)  # measured: [0.68, 1.14] and [0.86, 1.15]
+    assert low < s.min() and s.max() < high, s
+    u, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    polar = u @ vh
+    assert (y.double() * polar).sum() / (y.double().norm() * polar.norm()) > 0.98
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (128, 32), (32, 128)])
+def test_polar_express_ends_closer_to_one_than_the_quintic(shape):
+    g = torch.Generator().manual_seed(0)
+    for x in (torch.randn(*shape, generator=g), conditioned(*shape, g)):
+        quintic = singular_values(newton_schulz(x, 5, "quintic"))
+        polar = singular_values(newton_schulz(x, 5, "polar_express"))
+        assert (polar - 1).abs().mean() < 0.7 * (quintic - 1).abs().mean()  # measured: 0.53 of it at worst
+        assert abs(polar.mean() - 1) < 0.05
+
+
+@pytest.mark.parametrize("steps", [6, 8, 12])
+def test_polar_express_past_its_five_steps_repeats_the_last_and_stays_near_one(steps):
+    assert ns_coefficients("polar_express", steps) == [*POLAR_EXPRESS, *[POLAR_EXPRESS[-1]] * (steps - 5)]
+    assert ns_coefficients("polar_express", 3) == list(POLAR_EXPRESS[:3])
+    x = conditioned(64, 32, torch.Generator().manual_seed(steps))
+    s, at_five = (singular_values(newton_schulz(x, n, "polar_express")) for n in (steps, 5))
+    assert s.min() > 0.9 and s.max() < 1.15, s  # measured: [0.96, 1.13] at 6 steps, [1.02, 1.05] at 12
+    assert s.max() - s.min() < at_five.max() - at_five.min()
+
+
+@pytest.mark.parametrize("shape", [(6, 48, 48), (3, 96, 24)])
+def test_batched_polar_express_equals_per_matrix(shape):
+    stack = torch.stack([conditioned(*shape[1:], torch.Generator().manual_seed(i)) * 10.0**i for i in range(shape[0])])
+    batched = newton_schulz(stack, 5, "polar_express")
+    for i in range(shape[0]):
+        torch.testing.assert_close(batched[i], newton_schulz(stack[i], 5, "polar_express"), atol=1e-2, rtol=0)
+
+
+def test_muon_takes_its_coefficients_from_the_config():
+    cfg = tiny_config(muon_ns_coeffs="polar_express")
+    muon = build_optimizers(GPT(cfg, 65), cfg)[0]
+    assert isinstance(muon, Muon) and muon.param_groups[0]["ns_coefficients"] == "polar_express"
+    default = tiny_config()
+    assert build_optimizers(GPT(default, 65), default)[0].param_groups[0]["ns_coefficients"] == "quintic"
+    g = torch.Generator().manual_seed(5)
+    p = torch.nn.Parameter(torch.zeros(16, 24))
+    p.grad = torch.randn(16, 24, generator=g)
+    Muon([p], lr=1.0, ns_coefficients="polar_express").step()  # first step: -lr * NS((1 - 0.95^2) * gradient)
+    expected = -newton_schulz((1 - 0.95**2) * p.grad, 5, "polar_express")
+    torch.testing.assert_close(p.detach(), expected, atol=2e-3, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -170,8 +260,9 @@ def test_set_lr_scales_from_the_initial_lr():
     assert all(group["lr"] == pytest.approx(cfg.lr * 0.25) for group in optimizers[1].param_groups)
 
 
-def test_optimizers_reduce_the_loss():
-    cfg = tiny_config(lr=3e-3)
+@pytest.mark.parametrize("coefficients", ["quintic", "polar_express"])
+def test_optimizers_reduce_the_loss(coefficients):
+    cfg = tiny_config(lr=3e-3, muon_ns_coeffs=coefficients)
     model = GPT(cfg, 65)
     optimizers = build_optimizers(model, cfg)
     g = torch.Generator().manual_seed(0)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.colors
 import matplotlib.image
 import pytest
 from conftest import REPO, call_with_deadline, read_records, run_config, synthetic_text, write_text
@@ -279,3 +280,39 @@ def test_dev_zero_as_a_run_file_is_refused_unread(tmp_path, name):
         if name == "metrics.jsonl"
         else "remove it, or pass run folders written by train.py\n"
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plot_arms: ablate.py's picture
+
+
+def test_plot_arms_draws_one_colour_per_arm(tmp_path):
+    """Val loss against steps: every seed of an arm in the arm's colour, seeds that stop at different steps (a time
+    budget), and an arm with only the final evaluations (--eval_every 0)."""
+    arms = {}
+    for name, offset in (("base", 0.0), ("nosink", 0.08)):
+        runs = []
+        for seed in (1, 2, 3):
+            last = 900 + 50 * seed  # the clock stopped each seed at its own step
+            val = [
+                {"step": s, "loss": 3.0, "val_loss": 1.5 + offset + 1 / s**0.5 + 0.01 * seed}
+                for s in range(100, last, 100)
+            ]
+            final = {"step": last, "final": True, "val_loss": 1.5 + offset + 0.03 + 0.01 * seed}
+            runs.append(plot.load_run(write_run(tmp_path / f"{name}-s{seed}", encoded(*val, final))))
+        arms[name] = runs
+    only_finals = write_run(tmp_path / "finals", encoded({"step": 900, "final": True, "val_loss": 1.6}))
+    arms["finals only"] = [plot.load_run(only_finals)]
+    out = plot.plot_arms(arms, tmp_path / "pictures" / "val_loss.png", "sink: val loss")
+    assert out == tmp_path / "pictures" / "val_loss.png" and out.read_bytes().startswith(PNG_SIGNATURE)
+    pixels = matplotlib.image.imread(out)[..., :3]
+    for colour in ("#1f77b4", "#ff7f0e", "#2ca02c"):  # C0, C1, C2: the arms' colours, each drawn
+        rgb = matplotlib.colors.to_rgb(colour)
+        assert (abs(pixels - rgb).max(axis=-1) < 0.02).sum() > 20, colour
+
+
+def test_plot_arms_names_an_unwritable_output(tmp_path):
+    (tmp_path / "file").write_text("")
+    run = plot.load_run(write_run(tmp_path / "run", encoded(*GOOD, FINAL)))
+    with pytest.raises(plot.PlotError, match="cannot write the plot to"):
+        plot.plot_arms({"a": [run]}, tmp_path / "file" / "val_loss.png")

@@ -26,6 +26,7 @@ from conftest import (
     REPO,
     argv_of,
     assert_same_state,
+    assert_same_tensors,
     read_records,
     run_config,
     step_losses,
@@ -33,11 +34,21 @@ from conftest import (
     tiny_config,
     write_text,
 )
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import train
 import trainer
-from checkpoint import LATEST, load_checkpoint, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state
+from checkpoint import (
+    EMA_FILE,
+    LATEST,
+    load_checkpoint,
+    resolve_checkpoint,
+    rng_state,
+    save_checkpoint,
+    saved_config,
+    set_rng_state,
+)
 from config import Config, parse_args
 from model import GPT
 
@@ -105,6 +116,44 @@ def test_signal_stop_then_resume_equals_the_straight_run(straight, tmp_path, mon
         json.loads((models / "step_000012" / "state.json").read_text())["best_val_loss"]
         == (reference_summary["best_val_loss"])
     )
+
+
+@pytest.fixture(scope="module")
+def straight_ema(straight) -> tuple[Path, dict]:
+    """The reference run again with --ema_decay 0.5: its warm-up, min(0.5, (1 + k) / (10 + k)), reaches 0.5 at update
+    8, so the resume at N/2 falls inside the warm-up and the run ends past it."""
+    tmp = straight[0].parent / "straight_ema"
+    summary = train.train(run_config(tmp, straight[0].parent / "text.txt", RESUME, ema_decay=0.5))
+    return tmp, summary
+
+
+def assert_same_average(a: Path, b: Path) -> None:
+    """Two checkpoint folders hold the same weight average: tensors bit for bit, the same update count."""
+    assert_same_tensors(load_file(a / EMA_FILE), load_file(b / EMA_FILE))
+    with safe_open(a / EMA_FILE, "pt") as first, safe_open(b / EMA_FILE, "pt") as second:
+        assert first.metadata() == second.metadata()
+
+
+def test_signal_stop_then_resume_with_ema_equals_the_straight_run(straight_ema, tmp_path, monkeypatch):
+    """The average is saved and restored exactly: weights, optimizer, average and every loss, raw and averaged."""
+    reference, reference_summary = straight_ema
+    tmp = tmp_path / "run"
+    send_signal_at_step(monkeypatch, N // 2, signal.SIGTERM)
+    assert train.main(argv_of(run_config(tmp, reference.parent / "text.txt", RESUME, ema_decay=0.5))) == 143
+    monkeypatch.undo()
+    models, expected = tmp / "models" / "r", reference / "models" / "r"
+    assert_same_average(models / "step_000006", expected / "step_000006")
+
+    summary = train.train(parse_args(["--resume", str(models)], base=saved_config(models)))  # (as train.main does)
+    assert summary["final_val_loss_ema"] == reference_summary["final_val_loss_ema"]  # --ema_decay: the checkpoint's
+    assert summary["final_val_loss"] == reference_summary["final_val_loss"]
+    keys = ("loss", "val_loss", "val_loss_ema", "val_bpb", "val_bpb_ema")
+    assert step_losses(tmp / "runs" / "r", keys) == step_losses(reference / "runs" / "r", keys)
+    assert sum(record[3] is not None for record in step_losses(tmp / "runs" / "r", keys)) == 3  # steps 4, 8, final
+    assert_same_state(models / "step_000012", expected / "step_000012")
+    assert_same_average(models / "step_000012", expected / "step_000012")
+    with safe_open(models / "step_000012" / EMA_FILE, "pt") as file:
+        assert file.metadata() == {"updates": str(N)}
 
 
 def test_resume_from_weights_saved_with_the_compile_prefix(straight, tmp_path):

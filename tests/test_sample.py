@@ -12,11 +12,14 @@ import pytest
 import torch
 from conftest import REPO, call_with_deadline, randomize, tiny_config
 
+import data
 import sample
 from checkpoint import save_checkpoint
 from config import UserError
 from inference import CASES_PATH
+from memorization import CopyIndex
 from model import GPT, generate, sample_next
+from optimizer import EMA
 from tokenizer import CharTokenizer, build_tokenizer
 
 SEPARATOR = "\n" + "-" * 40 + "\n"
@@ -152,6 +155,7 @@ def test_prompt_file_and_a_prompt_longer_than_the_context(capsys, run_dir, tmp_p
         (["--max_new_tokens", "0"], "--max_new_tokens"),
         (["--num_samples", "0"], "--num_samples"),
         (["--kv_cache", "maybe"], "--kv_cache: expected True/False"),
+        (["--copy_check_chars", "many"], "--copy_check_chars"),
         (["--device", "tpu"], "--device: invalid choice"),
         (["--temprature", "0"], "unrecognized arguments"),
         (["--prompt", "A", "--prompt_file", "p.txt"], "not both"),
@@ -202,6 +206,7 @@ BAD_VALUES = {
     "--max_new_tokens": ["0", "-1"],
     "--num_samples": ["0", "-1"],
     "--seed": ["-1", str(2**64), str(10**30)],
+    "--copy_check_chars": ["-1"],
 }
 
 
@@ -381,15 +386,83 @@ def test_cases_flag_prints_the_table_and_writes_json(capsys, run_dir, tmp_path):
     assert code == 0
     assert "3 cases: 8/8 checks passed; mean held-out loss" in out
     assert "refused: cannot encode the prompt" in out
-    results = json.loads(out_file.read_text(encoding="utf-8"))["results"]
+    assert "  copied  sample" in out and "copied: the share of each sample inside spans of 32+ characters" in out
+    written = json.loads(out_file.read_text(encoding="utf-8"))
+    results = written["results"]
     assert [r["name"] for r in results] == ["romeo", "famous_katharina", "unseen_chars"]
     assert results[1]["loss"] > 0 and results[0]["loss"] is None
+    # the memorization check against Tiny Shakespeare's training split: a share for each sample, none for a refusal
+    assert written["copy_check_chars"] == 32 and [type(r["copied"]) for r in results] == [float, float, type(None)]
 
     # a prompt the char tokenizer must refuse, in a case that does not expect it, fails: exit status 1
     payload["cases"] = [{**payload["cases"][2], "checks": ["decodes"]}]
     cases_file.write_text(json.dumps(payload), encoding="utf-8")
     code, out, _ = run_cli(capsys, "--checkpoint", run_dir, "--cases=True", "--cases_file", cases_file)
     assert code == 1 and "FAILED unseen_chars: decodes" in out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --weights: the weight average of a run trained with --ema_decay, or the raw weights
+
+
+@pytest.fixture(scope="module")
+def averaged_run(tmp_path_factory, tokenizer):
+    """Run folders of the same step: "raw" holds model A only; "both" holds model A and, as its average, model B;
+    "b" holds model B only."""
+    cfg = tiny_config(context_len=32)
+    a, b = (randomize(GPT(cfg, tokenizer.vocab_size), seed=seed) for seed in (2, 5))
+    average = EMA(a, 0.9)
+    average.model.load_state_dict(b.state_dict())
+    runs = tmp_path_factory.mktemp("averaged")
+    save_checkpoint(runs / "raw", 3, a, tokenizer.to_dict())
+    save_checkpoint(runs / "both", 3, a, tokenizer.to_dict(), ema=average.state_dict())
+    save_checkpoint(runs / "b", 3, b, tokenizer.to_dict())
+    return runs
+
+
+def test_the_average_is_sampled_by_default_and_the_raw_weights_on_request(capsys, averaged_run):
+    def greedy(run, *flags):
+        code, out, err = run_cli(
+            capsys, "--checkpoint", averaged_run / run, "--max_new_tokens", 40, "--temperature", 0, *flags
+        )
+        assert code == 0, err
+        return out, err.strip().splitlines()[-1]
+
+    out, note = greedy("both")
+    assert (out, note.endswith(", ema weights]")) == (greedy("b")[0], True)  # the average: model B
+    assert greedy("both", "--weights", "ema")[0] == out
+    out, note = greedy("both", "--weights", "raw")
+    assert (out, note.endswith(", raw weights]")) == (greedy("raw")[0], True)  # the raw weights: model A
+    assert out != greedy("b")[0]
+    assert greedy("raw")[1].endswith(", raw weights]")  # no average: the raw weights, as ever
+
+
+def test_asking_for_an_average_a_checkpoint_lacks_is_one_line(capsys, averaged_run):
+    code, out, err = run_cli(capsys, "--checkpoint", averaged_run / "raw", "--weights", "ema")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("error: checkpoint ") and "has no averaged weights" in err and "--weights raw" in err
+    code, _, err = run_cli(capsys, "--checkpoint", averaged_run / "raw", "--weights", "best")
+    assert code == 2 and err.startswith("error: --weights: invalid choice: 'best'") and err.count("\n") == 1
+
+
+def test_cases_run_on_the_chosen_weights(capsys, averaged_run, tmp_path):
+    payload = json.loads(CASES_PATH.read_text(encoding="utf-8"))
+    payload["defaults"]["max_new_tokens"] = 10
+    payload["cases"] = [c for c in payload["cases"] if c["name"] == "famous_katharina"]
+    cases_file = tmp_path / "cases.json"
+    cases_file.write_text(json.dumps(payload), encoding="utf-8")
+
+    def losses(run, *flags):
+        out_file = tmp_path / f"{run}{''.join(flags)}.json"
+        argv = ("--checkpoint", averaged_run / run, "--cases", "--cases_file", cases_file, "--out", out_file, *flags)
+        code, out, _ = run_cli(capsys, *argv)
+        result = json.loads(out_file.read_text(encoding="utf-8"))
+        return result["weights"], [r["loss"] for r in result["results"]], out
+
+    weights, loss, out = losses("both")
+    assert (weights, loss) == ("ema", losses("b")[1]) and "weights: ema (ema.safetensors)" in out
+    assert losses("both", "--weights", "raw")[:2] == ("raw", losses("raw")[1])
+    assert loss != losses("raw")[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -479,3 +552,59 @@ def test_generate_stops_with_one_line_on_nan_logits():
         model.lm_head.weight.fill_(float("nan"))
     with pytest.raises(UserError, match="logits became NaN after 1 tokens"):
         list(generate(model, [1], 5))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The memorization check: each sample's share inside spans copied from the training split
+
+
+def test_each_sample_reports_its_copied_share_unless_the_check_is_off(capsys, run_dir):
+    argv = ("--checkpoint", run_dir, "--prompt", "ROMEO:", "--max_new_tokens", 40, "--num_samples", 2)
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and err.count("copied (spans of 32+ chars of the training split), raw weights]") == 2
+    code, quiet_out, err = run_cli(capsys, *argv, "--copy_check_chars", 0)
+    assert (code, quiet_out) == (0, out) and "copied" not in err and "memorization" not in err  # the same samples
+    code, _, err = run_cli(capsys, *argv, "--copy_check_chars", 8)
+    assert code == 0 and err.count("copied (spans of 8+ chars of the training split)") == 2
+
+
+@pytest.fixture
+def own_text_run(tmp_path, monkeypatch, tokenizer):
+    """run_dir's model, saved with a data_path of its own (not written yet), prepared into a temporary cache."""
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+    cfg = tiny_config(context_len=32, data_path=str(tmp_path / "train.txt"))
+    save_checkpoint(tmp_path / "run", 3, randomize(GPT(cfg, tokenizer.vocab_size), seed=2), tokenizer.to_dict())
+    return tmp_path / "run", tmp_path / "train.txt"
+
+
+def copied_percent(err: str) -> str:
+    return err.split("kv cache on, ")[1].split(" copied")[0]
+
+
+def test_a_sample_recited_from_the_training_text_is_all_copied(capsys, own_text_run, tokenizer):
+    run, train_path = own_text_run
+    argv = ("--checkpoint", run, "--prompt", "ROMEO:", "--max_new_tokens", 60, "--temperature", 0)
+    code, out, err = run_cli(capsys, *argv, "--copy_check_chars", 0)
+    generated = samples_of(out)[0].removeprefix("ROMEO:")
+    assert code == 0 and len(generated) == 60
+    filler = "".join(tokenizer.chars[i % 20] for i in range(500))  # periodic: adds no copies (`expected` would count)
+
+    train_path.write_text("\n" + "ROMEO:" + generated + "\n" + filler, encoding="utf-8")  # (val: the last 10%)
+    code, again, err = run_cli(capsys, *argv)
+    assert (code, again, copied_percent(err)) == (0, out, "100.0%")
+
+    half = generated[:40]  # the first 40 generated characters only, away from the prompt
+    train_path.write_text(half + "\n" + filler, encoding="utf-8")
+    index = CopyIndex((half + "\n" + filler)[: int(0.9 * (len(half) + 1 + len(filler)))], 32)
+    expected = index.copied_share(generated, "ROMEO:")  # at least 40 / 60: more only where the filler matches
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0 and expected >= 40 / 60 and copied_percent(err) == f"{expected:.1%}"
+
+
+def test_training_data_that_is_gone_is_a_note_and_sampling_goes_on(capsys, own_text_run):
+    run, train_path = own_text_run  # (never written)
+    code, out, err = run_cli(capsys, "--checkpoint", run, "--prompt", "ROMEO:", "--max_new_tokens", 20)
+    assert code == 0 and len(samples_of(out)[0]) == len("ROMEO:") + 20
+    lines = err.splitlines()
+    assert lines[0] == f"note: memorization check skipped: the training data {train_path} is not there any more"
+    assert len(lines) == 2 and lines[1].startswith("[sample 1/1: ") and "copied" not in lines[1]
