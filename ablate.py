@@ -124,7 +124,8 @@ def finite(value: Any) -> bool:
 def check_same_flags(run: plot.Run, argv: list[str]) -> None:
     """A finished run is reused only if it was trained with the arm's flags as they are now (where its files went
     aside: the same --out spelled another way names the same runs)."""
-    expected = {key: value for key, value in parse_args(argv).to_dict().items() if key not in OWNED}
+    # (config.json's "device" is the one the run resolved --device auto to: the machine's, not the experiment's)
+    expected = {key: value for key, value in parse_args(argv).to_dict().items() if key not in (*OWNED, "device")}
     if differ := [key for key, value in expected.items() if key in run.config and run.config[key] != value]:
         shown = ", ".join(f"--{key} {run.config[key]!r} (now {expected[key]!r})" for key in differ[:3])
         raise UserError(f"{run.path} was trained with other flags: {shown}; use another --out, or delete that run")
@@ -293,10 +294,12 @@ def compare(values: list[float], base: list[float]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 # Results: results.json, the table, the plot
 
-# what each run contributes: the final evaluation's numbers, and the summary plot.py makes of its records
+# what each run contributes: the final evaluation's numbers, and the summary plot.py makes of its records. A run's
+# val loss is that of the weights it samples from: its weight average's with --ema_decay (the raw weights' too).
 METRICS: dict[str, Callable[[plot.Run], Any]] = {
-    "val_loss": lambda run: run.final.get("val_loss"),
-    "val_bpb": lambda run: run.final.get("val_bpb"),  # None where the data has no byte counts
+    "val_loss": lambda run: run.final.get("val_loss_ema", run.final.get("val_loss")),
+    "val_loss_raw": lambda run: run.final.get("val_loss"),
+    "val_bpb": lambda run: run.final.get("val_bpb_ema", run.final.get("val_bpb")),  # None: no byte counts
     "tok_per_s": lambda run: run.summary["tok_per_s"],  # the median over the run's log intervals
     "train_s": lambda run: run.summary["train_seconds"],  # training time, evaluation excluded
 }

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from checkpoint import Resume, read_resume, saved_config
 from config import Config, UserError, parse_args
-from data import TrainBatches, load_dataset, to_device, token_fingerprint
+from data import TrainBatches, load_dataset, to_device
 from distributed import Distributed, init_distributed
 from export import load_pretrained
 from model import GPT
@@ -129,7 +129,7 @@ def setup(
     batches = TrainBatches(train_ids, cfg.batch_size, cfg.context_len, cfg.seed, device, ctx.rank, ctx.world_size)
     if ctx.rank:  # its own dropout masks; rank 0 keeps the single-process stream (resume restores each rank's own)
         torch.manual_seed(cfg.seed + ctx.rank)
-    state = LoopState(data=token_fingerprint(train_ids, val_ids), world_size=ctx.world_size, batches=batches).to(device)
+    state = LoopState(data=dataset.fingerprint, world_size=ctx.world_size, batches=batches).to(device)
     if resume:  # everything but the RNGs, which are set last, after start-up has drawn from them
         resume.restore(model, optimizers, tokenizer.to_dict(), state.data)
         state.load_state_dict(resume.state, resume.folder)

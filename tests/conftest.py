@@ -246,3 +246,12 @@ def call_with_deadline(fn, fifo: Path, seconds: float = 10.0):
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+@pytest.fixture(autouse=True)
+def memory_mapped_splits(monkeypatch):
+    """Every split stays memory-mapped in tests (data.IN_MEMORY_TOKENS reads small ones into memory): the tests see
+    the path a large corpus takes; tests/test_data.py checks the in-memory one gives the same batches."""
+    import data
+
+    monkeypatch.setattr(data, "IN_MEMORY_TOKENS", 0)

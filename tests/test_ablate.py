@@ -41,7 +41,8 @@ class FakeTrain:
         assert not folder.exists(), "an unfinished run's folder is cleared before it starts again"
         self.calls.append(cfg.run)
         folder.mkdir(parents=True)
-        (folder / "config.json").write_text(json.dumps({**cfg.to_dict(), "params": {"total": 1000}}))
+        info = {"params": {"total": 1000}, "device": "cpu"}  # (train.py records the device --device auto chose)
+        (folder / "config.json").write_text(json.dumps({**cfg.to_dict(), **info}))
         loss = self.losses.get(cfg.run, 2.0 + cfg.seed / 100)
         records = [
             {"step": 2, "loss": 3.0, "tok_per_s": 1000.0 + cfg.seed, "elapsed_s": 1.0, "val_loss": loss + 0.5},
@@ -49,7 +50,10 @@ class FakeTrain:
         ]
         interrupted = len(self.calls) == self.interrupt_at
         if not interrupted:
-            records.append({"step": 4, "final": True, "val_loss": loss, "val_bpb": loss * 1.4, "elapsed_s": 2.0})
+            final = {"step": 4, "final": True, "val_loss": loss, "val_bpb": loss * 1.4, "elapsed_s": 2.0}
+            if cfg.ema_decay:  # (train.py's final record with a weight average: its numbers too)
+                final |= {"val_loss_ema": loss - 0.25, "val_bpb_ema": (loss - 0.25) * 1.4}
+            records.append(final)
         (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text("training...\nerror: the fake run failed\n" if self.status else "training...\n")
@@ -493,3 +497,17 @@ def test_a_tiny_ablation_end_to_end(tmp_path):
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.count("finished earlier") == 4
     assert json.loads((out / "results.json").read_text()) == summary
+
+
+def test_an_ema_arm_is_compared_by_its_weight_average(tmp_path, capsys):
+    """With --ema_decay a run samples from its weight average: that is its val loss; the raw one is kept beside."""
+    out = tmp_path / "abl"
+    argv = arms_argv(out, 2, "base=--max_steps 4", "ema=--max_steps 4 --ema_decay 0.9")
+    assert ablate.main(argv, runner=FakeTrain()) == 0
+    arms = json.loads((out / "results.json").read_text())["arms"]
+    raw = [2.0 + seed / 100 for seed in (1, 2)]
+    assert arms["ema"]["val_loss"]["values"] == pytest.approx([v - 0.25 for v in raw])
+    assert arms["ema"]["val_loss_raw"]["values"] == pytest.approx(raw)
+    assert arms["ema"]["val_bpb"]["values"] == pytest.approx([(v - 0.25) * 1.4 for v in raw])
+    assert arms["base"]["val_loss"]["values"] == arms["base"]["val_loss_raw"]["values"] == pytest.approx(raw)
+    assert arms["ema"]["val_loss"]["diff"] == pytest.approx(-0.25)

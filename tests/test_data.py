@@ -474,7 +474,7 @@ def test_ranks_asking_at_once_prepare_once(tmp_path, cache_dir):
         "from conftest import tiny_config\n"
         f"data.CACHE_DIR = Path({str(cache_dir)!r})\n"
         f"d = data.load_dataset(tiny_config(data_path={str(path)!r}, val_frac=0.1))\n"
-        "print(len(d.train), d.train.digest)\n"
+        "print(len(d.train), d.fingerprint)\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
     children = [
@@ -503,3 +503,19 @@ def test_an_offline_tokenizer_leaves_the_cache_alone(tmp_path, cache_dir, monkey
     with pytest.raises(UserError, match="could not load the gpt2 tokenizer"):
         load_dataset(cfg)
     assert sorted(p.name for p in folder.iterdir()) == shards_before
+
+
+def test_small_splits_read_into_memory_give_the_same_batches_and_fingerprint(shakespeare_path, monkeypatch):
+    """Under data.IN_MEMORY_TOKENS a split is an int64 tensor instead of a memory map: same tokens, batches and
+    fingerprint (tests otherwise keep every split mapped: conftest)."""
+    cfg = tiny_config(data_path=str(shakespeare_path), val_frac=0.1)
+    mapped = load_dataset(cfg)
+    monkeypatch.setattr(data, "IN_MEMORY_TOKENS", 1 << 23)
+    loaded = load_dataset(cfg)
+    assert isinstance(mapped.train, data.ShardTokens) and isinstance(loaded.train, torch.Tensor)
+    assert torch.equal(loaded.train, mapped.train.read()) and torch.equal(loaded.val, mapped.val.read())
+    assert loaded.fingerprint == mapped.fingerprint == data.token_fingerprint(mapped.train, mapped.val)
+    a, b = (TrainBatches(d.train, 4, 16, seed=3, device=CPU) for d in (mapped, loaded))
+    for _ in range(50):
+        (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
