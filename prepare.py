@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import gzip
 import hashlib
 import json
@@ -646,14 +647,13 @@ def char_vocabulary(paths: list[Path], args: argparse.Namespace, total: int) -> 
     """The first pass for char: every distinct character of the corpus, sorted, plus the separator U+0003."""
     seen: set[str] = set()
     bar = progress_bar(total, "vocabulary")
-    try:
-        for consumed, chars in ordered_map(
-            chunk_chars, chunks(documents(paths, args.text_field)), args.workers, (None, 0, args.text_field)
-        ):
+    results = ordered_map(
+        chunk_chars, chunks(documents(paths, args.text_field)), args.workers, (None, 0, args.text_field)
+    )
+    with contextlib.closing(results), contextlib.closing(bar):  # (the workers end here, on Ctrl-C too)
+        for consumed, chars in results:
             seen.update(chars)
             bar.update(consumed)
-    finally:
-        bar.close()
     if CHAR_SEPARATOR in seen:
         raise UserError(
             "the corpus holds U+0003, which --tokenizer char uses to separate documents; remove it or use gpt2"
@@ -669,18 +669,15 @@ def write_shards(
     writers = {split: ShardWriter(out, split, args.shard_tokens, version) for split in ("train", "val")}
     initargs = (tokenizer.to_dict(), args.val_frac, args.text_field)
     bar = progress_bar(total, "tokenizing")
-    try:
-        for consumed, (train, val, n_train, n_val, b_train, b_val) in ordered_map(
-            encode_chunk, chunks(documents(paths, args.text_field)), args.workers, initargs
-        ):
+    results = ordered_map(encode_chunk, chunks(documents(paths, args.text_field)), args.workers, initargs)
+    with contextlib.closing(results), contextlib.closing(bar):
+        for consumed, (train, val, n_train, n_val, b_train, b_val) in results:
             writers["train"].add(train, n_train, b_train)
             writers["val"].add(val, n_val, b_val)
             bar.update(consumed)
             bar.set_postfix_str(f"{human(writers['train'].tokens + writers['val'].tokens)} tokens")
         for writer in writers.values():
             writer.flush()
-    finally:
-        bar.close()
     if isinstance(tokenizer, CharTokenizer):
         separator = {"id": tokenizer.chars.index(CHAR_SEPARATOR), "text": CHAR_SEPARATOR}
     else:
@@ -699,17 +696,16 @@ def write_text_shards(path: Path, name: str, args: argparse.Namespace, out: Path
     writers = {part: ShardWriter(out, part, args.shard_tokens, version) for part in ("train", "val")}
     tokens_sha256 = hashlib.sha256()  # of the ids as int64, train then val: the fingerprint runs had before shards
     bar = progress_bar(total, "tokenizing")
-    try:
-        pieces = text_pieces(path, name, split, CHUNK_BYTES)
-        for (consumed, part, size), ids in ordered_map(encode_piece, pieces, args.workers, (tokenizer.to_dict(), 0)):
+    pieces = text_pieces(path, name, split, CHUNK_BYTES)
+    results = ordered_map(encode_piece, pieces, args.workers, (tokenizer.to_dict(), 0))
+    with contextlib.closing(results), contextlib.closing(bar):
+        for (consumed, part, size), ids in results:
             writers[part].add(ids, 0, size)
             tokens_sha256.update(ids.astype(np.int64).tobytes())
             bar.update(consumed)
         for writer in writers.values():
             writer.documents = int(writer.tokens > 0)  # the text's two parts
             writer.flush()
-    finally:
-        bar.close()
     val_split = {"rule": END_RULE, "val_frac": args.val_frac, "unit": "character", "val_starts_at": split}
     manifest = manifest_of(tokenizer, writers, None, val_split)
     return {**manifest, "tokens_sha256": tokens_sha256.hexdigest()}
