@@ -255,3 +255,32 @@ def memory_mapped_splits(monkeypatch):
     import data
 
     monkeypatch.setattr(data, "IN_MEMORY_TOKENS", 0)
+
+
+def fed_through_cache(model, idx, prefill: int):
+    """(logits of one full forward of idx, logits of feeding idx through a KVCache: `prefill` tokens at once, then
+    one at a time, concatenated, and that cache), for tests that the cache changes nothing."""
+    import torch
+
+    from model import KVCache
+
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(model.cfg, len(idx), torch.device("cpu"), torch.float32)
+        pieces = [model(idx[:, :prefill], cache=cache)] if prefill else []
+        for t in range(prefill, idx.size(1)):
+            pieces.append(model(idx[:, t : t + 1], cache=cache))
+    return full, torch.cat(pieces, dim=1), cache
+
+
+def train_losses(model, optimizers, x, y, steps: int) -> list[float]:
+    """The loss of each of `steps` optimizer steps on the one batch (x, y)."""
+    losses = []
+    for _ in range(steps):
+        loss = model(x, y)
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses

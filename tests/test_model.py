@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize, tiny_config
+from conftest import fed_through_cache, randomize, tiny_config
 
 from model import (
     GPT,
@@ -255,14 +255,8 @@ def test_kv_cache_matches_full_forward(attn_sink, pos_emb, prefill):
     cfg = tiny_config(attn_sink=attn_sink, pos_emb=pos_emb)
     model = randomize(GPT(cfg, VOCAB), seed=1).eval()
     idx = torch.randint(VOCAB, (2, cfg.context_len), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        full = model(idx)
-        cache = KVCache(cfg, 2, torch.device("cpu"), torch.float32)
-        pieces = [model(idx[:, :prefill], cache=cache)] if prefill else []
-        for t in range(prefill, cfg.context_len):
-            pieces.append(model(idx[:, t : t + 1], cache=cache))
+    full, incremental, cache = fed_through_cache(model, idx, prefill)
     assert cache.length == cfg.context_len
-    incremental = torch.cat(pieces, dim=1)
     assert torch.isneginf(incremental[..., VOCAB:]).all()
     torch.testing.assert_close(incremental[..., :VOCAB], full[..., :VOCAB], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="context_len"), torch.no_grad():

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import randomize, tiny_config
+from conftest import randomize, tiny_config, train_losses
 
 from model import GPT
 from optimizer import POLAR_EXPRESS, Muon, build_optimizers, lr_multiplier, newton_schulz, ns_coefficients, set_lr
@@ -268,14 +268,7 @@ def test_optimizers_reduce_the_loss(coefficients):
     g = torch.Generator().manual_seed(0)
     x = torch.randint(65, (4, cfg.context_len), generator=g)
     y = (x * 7 + 3) % 65  # a learnable map
-    losses = []
-    for _ in range(30):
-        loss = model(x, y)
-        loss.backward()
-        for optimizer in optimizers:
-            optimizer.step()
-        model.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = train_losses(model, optimizers, x, y, 30)
     assert losses[-1] < 0.5 * losses[0]
 
 

@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
-from conftest import randomize, tiny_config
+from conftest import fed_through_cache, randomize, tiny_config, train_losses
 
 from config import BIGRAM_ROWS_MAX, UserError, bigram_rows
-from model import GPT, KVCache, generate
+from model import GPT, generate
 from optimizer import Muon, build_optimizers
 
 VOCAB = 65  # Tiny Shakespeare's characters
@@ -88,14 +88,8 @@ def test_kv_cache_matches_full_forward(flags, prefill):
     model = model_with(flags)
     cfg = model.cfg
     idx = random_ids((2, cfg.context_len), seed=1)
-    with torch.no_grad():
-        full = model(idx)
-        cache = KVCache(cfg, 2, torch.device("cpu"), torch.float32)
-        pieces = [model(idx[:, :prefill], cache=cache)] if prefill else []
-        for t in range(prefill, cfg.context_len):
-            pieces.append(model(idx[:, t : t + 1], cache=cache))
+    full, incremental, cache = fed_through_cache(model, idx, prefill)
     assert cache.length == cfg.context_len and torch.equal(cache.last_ids, idx[:, -1:])
-    incremental = torch.cat(pieces, dim=1)
     assert torch.isneginf(incremental[..., VOCAB:]).all()
     torch.testing.assert_close(incremental[..., :VOCAB], full[..., :VOCAB], atol=1e-5, rtol=1e-5)
 
@@ -216,14 +210,7 @@ def test_each_flag_trains(flags):
     optimizers = build_optimizers(model, cfg)
     x = random_ids((4, cfg.context_len))
     y = (x + torch.roll(x, 1, dims=1) * 7) % VOCAB
-    losses = []
-    for _ in range(30):
-        loss = model(x, y)
-        loss.backward()
-        for optimizer in optimizers:
-            optimizer.step()
-        model.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = train_losses(model, optimizers, x, y, 30)
     assert all(math.isfinite(loss) for loss in losses)
     assert losses[-1] < 0.7 * losses[0]
     looked_back = [p for n, p in model.named_parameters() if n.startswith(("smear.", "bigram_emb."))]
