@@ -20,10 +20,12 @@ import hashlib
 import json
 import multiprocessing
 import os
+import queue
 import re
 import shutil
 import signal
 import sys
+import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -368,22 +370,74 @@ def encode_piece(text: str) -> np.ndarray:
 
 def ordered_map(fn: Callable, items: Iterable[tuple[Any, Any]], workers: int, initargs: tuple) -> Iterator:
     """(meta, fn(payload)) for each (meta, payload), in order, on `workers` processes with at most 2 tasks each in
-    flight: Pool.imap would read the whole input ahead into its queue, i.e. the corpus into memory."""
+    flight (Pool.imap would read the whole input ahead into its queue, i.e. the corpus into memory). Item i goes to
+    worker i % workers over pipes of its own: no lock is shared with a worker, so killing them on Ctrl-C cannot hang
+    us (multiprocessing.Pool.terminate can, when a worker is blocked sending a result)."""
     if workers == 1:
         _init_worker(*initargs, in_main=True)
         for meta, payload in items:
             yield meta, fn(payload)
         return
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:  # exit: terminate
-        pending: deque = deque()
-        for meta, payload in items:
-            pending.append((meta, pool.apply_async(fn, (payload,))))
-            if len(pending) >= 2 * workers:
-                meta, result = pending.popleft()
-                yield meta, result.get()
+    task_readers, task_writers = zip(*(multiprocessing.Pipe(duplex=False) for _ in range(workers)), strict=True)
+    result_readers, result_writers = zip(*(multiprocessing.Pipe(duplex=False) for _ in range(workers)), strict=True)
+    processes = [
+        multiprocessing.Process(target=_work, args=(task_readers[w], result_writers[w], fn, initargs), daemon=True)
+        for w in range(workers)
+    ]
+    for process, task_reader, result_writer in zip(processes, task_readers, result_writers, strict=True):
+        process.start()
+        task_reader.close()  # the worker's ends: a worker that dies is then an EOFError here
+        result_writer.close()
+    pending: deque = deque()  # (meta, worker) of the tasks in flight, oldest first
+
+    def oldest() -> tuple[Any, Any]:
+        meta, worker = pending.popleft()
+        try:
+            ok, result = result_readers[worker].recv()
+        except EOFError:
+            raise RuntimeError(f"a prepare worker died (exit code {processes[worker].exitcode})") from None
+        if not ok:
+            raise result
+        return meta, result
+
+    try:
+        for i, (meta, payload) in enumerate(items):
+            if len(pending) == 2 * workers:  # the oldest task in flight is this worker's
+                yield oldest()
+            task_writers[i % workers].send(payload)
+            pending.append((meta, i % workers))
         while pending:
-            meta, result = pending.popleft()
-            yield meta, result.get()
+            yield oldest()
+        for task_writer in task_writers:
+            task_writer.send(None)
+        for process in processes:
+            process.join()
+    finally:
+        for process in processes:  # on an error or Ctrl-C (a no-op after the clean end above)
+            process.kill()
+            process.join()
+
+
+def _work(tasks: Any, results: Any, fn: Callable, initargs: tuple) -> None:
+    """One worker: its tasks are read by a thread, so the main process's send never waits for this worker to be
+    done with a task while it waits to send that task's result (a deadlock with pipes of finite size)."""
+    _init_worker(*initargs)
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def receive() -> None:
+        try:
+            while (payload := tasks.recv()) is not None:
+                inbox.put(payload)
+        except EOFError:  # the main process is gone
+            pass
+        inbox.put(None)
+
+    threading.Thread(target=receive, daemon=True).start()
+    while (payload := inbox.get()) is not None:
+        try:
+            results.send((True, fn(payload)))
+        except Exception as error:  # sent back, raised in the main process (e.g. a UserError naming a bad line)
+            results.send((False, error))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -530,8 +584,9 @@ def prepare(args: argparse.Namespace) -> int:
     if args.tokenizer != "char":
         TiktokenTokenizer(args.tokenizer)  # fails early when offline
     sizes = [p.stat().st_size for p in paths]
-    with multiprocessing.Pool(min(args.workers, len(paths))) if args.workers > 1 else _Serial() as pool:
-        hashes = pool.map(file_sha256, paths)
+    hashing = ordered_map(file_sha256, ((None, p) for p in paths), min(args.workers, len(paths)), (None, 0))
+    with contextlib.closing(hashing):
+        hashes = [digest for _, digest in hashing]
     sources = [{"path": str(p), "bytes": s, "sha256": h} for p, s, h in zip(paths, sizes, hashes, strict=True)]
     manifest = prepare_locked(args, paths, sources, skipped=skipped)
     if manifest is None:
@@ -606,19 +661,6 @@ def describe(out: Path, manifest: dict[str, Any], files: int) -> str:
         f"shards), val {human(val['tokens'])} tokens ({val['documents']} documents) from {files} files"
         + (f"; skipped {skipped} other files" if skipped else "")
     )
-
-
-class _Serial:
-    """Pool's map in this process, for --workers 1."""
-
-    def __enter__(self) -> _Serial:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def map(self, fn: Callable, items: Iterable) -> list:
-        return [fn(item) for item in items]
 
 
 def progress_bar(total: int, desc: str) -> Any:
