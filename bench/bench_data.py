@@ -103,12 +103,12 @@ def write_corpus(folder: Path, size_bytes: int, seed: int = 0) -> tuple[int, int
 # Subprocesses, timed and measured
 
 
-def tree_memory_mb(root: int) -> tuple[float, float]:
-    """(PSS, RSS) of `root` and its descendants now, summed, in MB, from /proc (zeros without one). PSS splits each
-    shared page among the processes mapping it (forked workers are not counted twice, but neither are the torch
-    libraries other processes on the machine also map); the RSS sum counts shared pages once per process: the
-    truth is between."""
-    pss, rss, todo = 0, 0, [root]
+def tree_memory_mb(root: int) -> tuple[float, float, float]:
+    """(PSS, RSS) of `root` and its descendants now, summed, and the largest one's peak RSS so far (VmHWM), in MB,
+    from /proc (zeros without one). PSS splits each shared page among the processes mapping it (forked workers are
+    not counted twice, but neither are the torch libraries other processes on the machine also map); the RSS sum
+    counts shared pages once per process: the truth is between."""
+    pss, rss, hwm, todo = 0, 0, 0, [root]
     while todo:
         pid = todo.pop()
         try:
@@ -117,30 +117,34 @@ def tree_memory_mb(root: int) -> tuple[float, float]:
                     todo += [int(child) for child in f.read().split()]
             with open(f"/proc/{pid}/smaps_rollup") as f:
                 fields = {line.split(":")[0]: int(line.split()[1]) for line in f if line.split()[-1] == "kB"}
-            pss, rss = pss + fields["Pss"], rss + fields["Rss"]  # kB
+            with open(f"/proc/{pid}/status") as f:
+                status = {line.split(":")[0]: int(line.split()[1]) for line in f if line.split()[-1] == "kB"}
+            pss, rss, hwm = pss + fields["Pss"], rss + fields["Rss"], max(hwm, status["VmHWM"])  # kB
         except (OSError, KeyError, ValueError):
             continue  # gone meanwhile, or no /proc
-    return pss / 1024, rss / 1024
+    return pss / 1024, rss / 1024, hwm / 1024
 
 
 def run_measured(command: list[str]) -> dict[str, float]:
     """Run command to the end; its wall seconds and two peaks, in MB:
-    - peak_rss_mb: the kernel's exact maxrss of the largest single process in its tree. os.wait4 on this one child
-      gives that child's rusage including its own reaped children (ru_maxrss is their max, not a sum), unlike
-      getrusage(RUSAGE_CHILDREN), which is the max over every child this benchmark ever had.
+    - peak_rss_mb: the largest single process's peak RSS: the kernel's high-water mark (VmHWM), as last read
+      before the process ended (what it gains in the last SAMPLE_S seconds can be missed). Not ru_maxrss from
+      wait4: a child's maxrss includes its forked copy of this benchmark before exec (measured: `python -c pass`
+      gave 536 MB, and 1036 MB with 500 MB more here), which once showed as +229 MB of "training RSS". Without
+      /proc (macOS) ru_maxrss is all there is, with that caveat.
     - peak_tree_pss_mb, peak_tree_rss_mb: the whole tree's memory (prepare.py and its workers; see tree_memory_mb),
       sampled every SAMPLE_S seconds, so a spike shorter than that can be missed; 0 without /proc (not Linux)."""
     started = time.perf_counter()
     # a file, not a pipe: a pipe nobody reads while we wait would fill and block the child
     log = tempfile.TemporaryFile()  # noqa: SIM115 (closed below)
     process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    peak_pss, peak_rss = 0.0, 0.0
+    peak_pss, peak_rss, peak_hwm = 0.0, 0.0, 0.0
     while True:  # wait4 reaps the child itself: Popen.poll would reap it first and its rusage would be lost
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
             break
-        pss, rss = tree_memory_mb(process.pid)
-        peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
+        pss, rss, hwm = tree_memory_mb(process.pid)
+        peak_pss, peak_rss, peak_hwm = max(peak_pss, pss), max(peak_rss, rss), max(peak_hwm, hwm)
         time.sleep(SAMPLE_S)
     seconds = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)
@@ -150,7 +154,7 @@ def run_measured(command: list[str]) -> dict[str, float]:
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} exited {process.returncode}:\n{output[-3000:]}")
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, kB on Linux
-    peak = usage.ru_maxrss * scale / 2**20
+    peak = peak_hwm or usage.ru_maxrss * scale / 2**20
     return {"seconds": seconds, "peak_rss_mb": peak, "peak_tree_pss_mb": peak_pss, "peak_tree_rss_mb": peak_rss}
 
 
