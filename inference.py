@@ -1,4 +1,5 @@
-"""Inference shared by sample.py and train.py: prompts to ids, ids to streamed text, and the 20 inference cases.
+"""Inference shared by sample.py, serve.py and train.py: a checkpoint loaded for sampling, prompts to ids, ids to
+streamed text, and the 20 inference cases.
 
 The cases live in inference_cases.json: a prompt, decoding settings and the automatic checks each must pass. The
 Shakespeare ones start a passage of the validation split and carry its true continuation, so the model's loss on
@@ -19,10 +20,11 @@ from typing import Any
 
 import torch
 
+from checkpoint import EMA_FILE, load_checkpoint, resolve_checkpoint
 from config import UserError
 from model import GPT, generate
-from tokenizer import CharTokenizer, Tokenizer
-from utils import check_regular_file
+from tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
+from utils import check_regular_file, resolve_device
 
 CASES_PATH = Path(__file__).resolve().parent / "inference_cases.json"
 CASES_VERSION = 1
@@ -105,6 +107,23 @@ class Settings:
             self.kv_cache,
             generator,
         )
+
+
+def load_model(checkpoint: str, device_name: str, weights: str | None = None) -> tuple[GPT, Tokenizer, str]:
+    """(model, tokenizer, which weights: "ema" or "raw"); weights None: the EMA when the checkpoint has one."""
+    device = resolve_device(device_name)
+    if not Path(checkpoint).exists():
+        raise UserError(
+            f"--checkpoint {checkpoint} does not exist; pass a step_* folder or a run folder (models/<run>)"
+        )
+    folder = resolve_checkpoint(checkpoint, usable_for="sample")  # (here, to know which weights it holds)
+    model, tokenizer_dict, _ = load_checkpoint(folder, device, weights)
+    which = "ema" if weights != "raw" and (folder / EMA_FILE).is_file() else "raw"
+    try:
+        tokenizer = tokenizer_from_dict(tokenizer_dict)
+    except (KeyError, TypeError):
+        raise UserError(f"checkpoint {checkpoint} has a damaged tokenizer.json; use an earlier step_* folder") from None
+    return model.eval(), tokenizer, which
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:

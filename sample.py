@@ -29,13 +29,21 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import EMA_FILE, load_checkpoint, read_checkpoint, resolve_checkpoint
+from checkpoint import EMA_FILE, read_checkpoint, resolve_checkpoint
 from config import OneLineParser, UserError, flag_type
-from inference import CASES_PATH, Settings, StreamDecoder, encode_prompt, format_table, load_cases, run_cases
+from inference import (
+    CASES_PATH,
+    Settings,
+    StreamDecoder,
+    encode_prompt,
+    format_table,
+    load_cases,
+    load_model,
+    run_cases,
+)
 from memorization import COPY_CHARS, CopyIndex, checkpoint_index, describe
 from model import GPT
-from tokenizer import Tokenizer, tokenizer_from_dict
-from utils import check_regular_file, resolve_device
+from utils import check_regular_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,23 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
         "copied verbatim from the training split; 0 = off (default: %(default)s)",
     )
     return parser
-
-
-def load_model(checkpoint: str, device_name: str, weights: str | None = None) -> tuple[GPT, Tokenizer, str]:
-    """(model, tokenizer, which weights: "ema" or "raw"); weights None: the EMA when the checkpoint has one."""
-    device = resolve_device(device_name)
-    if not Path(checkpoint).exists():
-        raise UserError(
-            f"--checkpoint {checkpoint} does not exist; pass a step_* folder or a run folder (models/<run>)"
-        )
-    folder = resolve_checkpoint(checkpoint, usable_for="sample")  # (here, to know which weights it holds)
-    model, tokenizer_dict, _ = load_checkpoint(folder, device, weights)
-    which = "ema" if weights != "raw" and (folder / EMA_FILE).is_file() else "raw"
-    try:
-        tokenizer = tokenizer_from_dict(tokenizer_dict)
-    except (KeyError, TypeError):
-        raise UserError(f"checkpoint {checkpoint} has a damaged tokenizer.json; use an earlier step_* folder") from None
-    return model.eval(), tokenizer, which
 
 
 @torch.no_grad()
