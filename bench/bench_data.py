@@ -1,4 +1,4 @@
-"""Data pipeline: prepare.py MB/s (1 process vs all cores) and peak RSS, training RSS from shards, loader ms/batch.
+"""Data pipeline: prepare.py MB/s (1 process vs all cores) and peak memory, training memory from shards, loader ms/batch.
 
     uv run bench/bench_data.py                                   # a 1 GB synthetic corpus, gpt2, every core
     uv run bench/bench_data.py --size_mb 256 --workers 2 --out bench/results/data.json
@@ -351,7 +351,10 @@ def measure(args: argparse.Namespace, extra: list[str], cfg, work: Path) -> int:
         f"{step:.1f} ms: "
         f"{result['loader_pct_of_step']:.2f}% (target < 2%)"
     )
-    print("(max RSS: the largest single process, exact; tree: the process and its workers, summed, sampled)")
+    print(
+        "(max RSS: the largest single process's high-water mark; private: its own memory, no file pages; tree: the "
+        "process and its workers, summed; all but max RSS sampled)"
+    )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
