@@ -482,6 +482,7 @@ def test_the_command_line_serves_until_interrupted(runs):
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background shell ignores SIGINT
     )
     try:
         lines = [process.stdout.readline(), process.stdout.readline()]
