@@ -741,7 +741,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=default.queue,
         help="more completions admitted; then 503 (default: %(default)s)",
     )
-    add("--threads", type=integer, default=default.threads, help="torch threads per completion (default: %(default)s)")
+    add(
+        "--threads",
+        type=integer,
+        default=default.threads,
+        help="torch threads per generation thread (default: %(default)s)",
+    )
     add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: cuda, then mps, then cpu")
     add("--weights", choices=("ema", "raw"), help="the weight average (ema) or the raw weights (default: ema if saved)")
     return parser

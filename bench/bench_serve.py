@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from config import PRESETS, Config  # noqa: E402
 from model import GPT  # noqa: E402
+from serve import Limits  # noqa: E402
 from tokenizer import CharTokenizer  # noqa: E402
 
 PROMPT = "ROMEO:\nWhat light through yonder window breaks?\n"
@@ -45,8 +46,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=30.0, help="how long clients start requests (default: 30)")
     parser.add_argument("--max_tokens", type=int, default=64, help="tokens per request (default: 64)")
     parser.add_argument("--checkpoint", help="serve this checkpoint (default: the cpu preset's shape, random weights)")
-    parser.add_argument("--workers", type=int, help="serve.py --workers (default: serve.py's, the CPU count)")
-    parser.add_argument("--threads", type=int, default=1, help="serve.py --threads (default: 1)")
+    default = Limits()  # serve.py's own defaults
+    parser.add_argument(
+        "--workers", type=int, default=default.workers, help="serve.py --workers (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=default.threads, help="serve.py --threads (default: %(default)s)"
+    )
     parser.add_argument("--out", help="JSON path (default: bench/results/serve_<N>clients.json)")
     return parser.parse_args(argv)
 
@@ -70,9 +76,8 @@ def rss_mb(pid: int) -> float:
 
 def start_server(checkpoint: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, str(REPO / "serve.py"), "--checkpoint", str(checkpoint), "--port", "0"]
-    command += ["--threads", str(args.threads), "--max_tokens_cap", str(max(args.max_tokens, 1))]
-    if args.workers is not None:
-        command += ["--workers", str(args.workers)]
+    command += ["--workers", str(args.workers), "--threads", str(args.threads)]
+    command += ["--max_tokens_cap", str(max(args.max_tokens, 1))]
     command += ["--queue", str(max(64, args.clients))]  # every client admitted: waiting is what is measured
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=REPO)
     for line in server.stdout:
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "serve",
         "checkpoint": args.checkpoint or "random weights, cpu preset shape (4 x 4 x 128, context 128, char)",
-        "server": {"workers": args.workers or os.cpu_count(), "threads": args.threads},
+        "server": {"workers": args.workers, "threads": args.threads},
         "machine": {
             "cpu": cpu_name(),
             "cpu_count": os.cpu_count(),
