@@ -233,8 +233,13 @@ def test_muon_shares_newton_schulz_and_matches_one_process(launch, tmp_path):
 
 def muon_worker(out: Path) -> None:
     """Under torchrun: the same problem on every rank, Muon with a process group, each rank's result to a file."""
+    import importlib
+
     import torch.distributed as dist
 
+    # as distributed.py does: torch._dynamo imported after the group exists keeps it alive past
+    # destroy_process_group, and its threads can abort the exit ("terminate called without an active exception")
+    importlib.import_module("torch._dynamo")
     dist.init_process_group("gloo")
     params, grads = muon_problem()
     sizes = run_muon(params, grads, dist.get_rank(), dist.get_world_size())
