@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 import threading
 from pathlib import Path
@@ -222,6 +223,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def default_sigint() -> None:
+    """preexec_fn for a subprocess a test interrupts with SIGINT: a background shell starts its commands with SIGINT
+    ignored, Python then installs no KeyboardInterrupt handler, and the interrupt would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def call_with_deadline(fn, fifo: Path, seconds: float = 10.0):

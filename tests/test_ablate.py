@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import scipy.special
 import scipy.stats
-from conftest import REPO, synthetic_text, write_text
+from conftest import REPO, default_sigint, synthetic_text, write_text
 
 import ablate
 import config
@@ -297,7 +297,7 @@ def test_ctrl_c_reaches_the_running_train_py(tmp_path, whom):
         [sys.executable, "-c", PARENT, CHILD, str(marker), *arms_argv(out)],
         cwd=REPO,
         start_new_session=True,  # its own process group, as a terminal gives a command (and pytest stays out of it)
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background shell ignores SIGINT
+        preexec_fn=default_sigint,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -233,18 +233,14 @@ def test_muon_shares_newton_schulz_and_matches_one_process(launch, tmp_path):
 
 def muon_worker(out: Path) -> None:
     """Under torchrun: the same problem on every rank, Muon with a process group, each rank's result to a file."""
-    import importlib
+    from distributed import init_distributed
 
-    import torch.distributed as dist
-
-    # as distributed.py does: torch._dynamo imported after the group exists keeps it alive past
-    # destroy_process_group, and its threads can abort the exit ("terminate called without an active exception")
-    importlib.import_module("torch._dynamo")
-    dist.init_process_group("gloo")
+    # the project's own setup (gloo on the CPU), which also keeps the group from outliving its destroy at exit
+    ddp, _ = init_distributed(torch.device("cpu"))
     params, grads = muon_problem()
-    sizes = run_muon(params, grads, dist.get_rank(), dist.get_world_size())
-    torch.save({"params": [p.detach() for p in params], "sizes": sizes}, out / f"rank{dist.get_rank()}.pt")
-    dist.destroy_process_group()
+    sizes = run_muon(params, grads, ddp.rank, ddp.world_size)
+    torch.save({"params": [p.detach() for p in params], "sizes": sizes}, out / f"rank{ddp.rank}.pt")
+    ddp.close()
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["muon"]:

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tiktoken
-from conftest import REPO
+from conftest import REPO, default_sigint
 
 import prepare
 import shards
@@ -251,7 +251,7 @@ def test_ctrl_c_mid_shard_in_a_real_process_reruns_to_the_same_output(tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background shell ignores SIGINT
+            preexec_fn=default_sigint,
         )
         deadline = time.monotonic() + 120
         while not (out / "train_000000.bin").exists() and child.poll() is None and time.monotonic() < deadline:

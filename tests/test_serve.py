@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, randomize, tiny_config
+from conftest import REPO, default_sigint, randomize, tiny_config
 
 pytest.importorskip("fastapi", reason="serve.py needs the serve extra: uv sync --extra serve")
 openai = pytest.importorskip("openai", reason="the tests drive serve.py with the official openai client")
@@ -482,7 +482,7 @@ def test_the_command_line_serves_until_interrupted(runs):
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background shell ignores SIGINT
+        preexec_fn=default_sigint,
     )
     try:
         lines = [process.stdout.readline(), process.stdout.readline()]
