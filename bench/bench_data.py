@@ -127,6 +127,10 @@ def tree_memory_mb(root: int) -> tuple[float, float, float, float]:
     return pss / 1024, rss / 1024, hwm / 1024, anon / 1024
 
 
+# run_measured's memory columns, in the order the tables print them
+MEMORY_KEYS = ("peak_rss_mb", "peak_private_mb", "peak_tree_pss_mb", "peak_tree_rss_mb")
+
+
 def run_measured(command: list[str]) -> dict[str, float]:
     """Run command to the end; its wall seconds and its peaks, in MB:
     - peak_rss_mb: the largest single process's peak RSS: the kernel's high-water mark (VmHWM), as last read
@@ -163,8 +167,13 @@ def run_measured(command: list[str]) -> dict[str, float]:
         raise RuntimeError(f"{' '.join(command)} exited {process.returncode}:\n{output[-3000:]}")
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, kB on Linux
     peak = peak_hwm or usage.ru_maxrss * scale / 2**20
-    memory = {"peak_rss_mb": peak, "peak_private_mb": peak_anon, "peak_tree_pss_mb": peak_pss}
-    return {"seconds": seconds, **memory, "peak_tree_rss_mb": peak_rss}
+    return {
+        "seconds": seconds,
+        "peak_rss_mb": peak,
+        "peak_private_mb": peak_anon,
+        "peak_tree_pss_mb": peak_pss,
+        "peak_tree_rss_mb": peak_rss,
+    }
 
 
 def prepare_run(corpus: Path, out: Path, tokenizer: str, workers: int, val_frac: float) -> dict[str, Any]:
@@ -211,9 +220,7 @@ def step_ms(cfg, vocab_size: int, steps: int) -> float:
 
 
 def memory_columns(run: dict[str, float]) -> str:
-    return f"{run['seconds']:>9.1f}" + "".join(
-        f"{run[key]:>7.0f} MB" for key in ("peak_rss_mb", "peak_private_mb", "peak_tree_pss_mb", "peak_tree_rss_mb")
-    )
+    return f"{run['seconds']:>9.1f}" + "".join(f"{run[key]:>7.0f} MB" for key in MEMORY_KEYS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,18 +307,7 @@ def measure(args: argparse.Namespace, extra: list[str], cfg, work: Path) -> int:
         "corpus": {"mb": round(size / 2**20, 2), "bytes": size, "documents": docs, "txt_files": txts},
         "tokens": one["tokens"],
         "prepare": [
-            {
-                key: round(run[key], 3)
-                for key in (
-                    "seconds",
-                    "mb_per_s",
-                    "peak_rss_mb",
-                    "peak_private_mb",
-                    "peak_tree_pss_mb",
-                    "peak_tree_rss_mb",
-                )
-            }
-            | {"workers": run["workers"]}
+            {key: round(run[key], 3) for key in ("seconds", "mb_per_s", *MEMORY_KEYS)} | {"workers": run["workers"]}
             for run in prepares
         ],
         "prepare_speedup": round(many["mb_per_s"] / one["mb_per_s"], 3),
