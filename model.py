@@ -72,11 +72,14 @@ def attention_with_sink(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink:
     exp(sink) to the denominator and nothing to the numerator — the gpt-oss definition, exactly.
     Fused kernels need q, k, v of one width, so v is padded too; on CUDA the width is rounded up to a multiple
     of 8 for FlashAttention. The sink key sits at position 0, so in the (Tk+1)-long causal problem query i must
-    be at row i+1: a dummy query fills row 0 and its output is dropped.
+    be at row i+1: a dummy query fills row 0 and its output is dropped. Compiled on a CPU, where SDPA has no
+    fused kernel to keep, training and prefill take sink_attention_scores instead.
     """
     tq, tk = q.size(-2), k.size(-2)
     if sink is None:
         return sdpa(q, k, v, is_causal=tq > 1)
+    if q.device.type == "cpu" and torch.compiler.is_compiling() and tq == tk > 1:
+        return sink_attention_scores(q, k, v, sink)
     b, h, _, d = q.shape
     extra = 1 if q.device.type != "cuda" else 8 - d % 8
     scale = d**-0.5
@@ -100,6 +103,19 @@ def attention_with_sink(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink:
     q_ext = torch.cat((q_ext.new_zeros(b, h, 1, d + extra), q_ext), dim=2)
     out = sdpa(q_ext, k_ext, v_ext, is_causal=True, scale=scale)
     return out[:, :, 1:, :d]
+
+
+def sink_attention_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
+    """The same causal attention with a sink (Tq == Tk), written out: scores, the sink as a first score column,
+    softmax, drop the column. Compiled CPU runs take it: there SDPA runs its O(T^2) math path anyway, and
+    inductor fuses this into a few kernels, where the extra key would widen every head by one (steps 10% slower)."""
+    t, d = q.size(-2), q.size(-1)
+    softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # bf16 scores softmaxed in fp32
+    scores = (q @ k.transpose(-2, -1)).to(softmax_dtype) * d**-0.5
+    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    sink_column = sink.to(softmax_dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    weights = torch.cat((sink_column, scores), dim=-1).softmax(dim=-1)[..., 1:]
+    return weights.to(v.dtype) @ v
 
 
 class Attention(nn.Module):

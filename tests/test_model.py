@@ -18,6 +18,7 @@ from model import (
     padded_vocab_size,
     rotary_tables,
     sample_next,
+    sink_attention_scores,
 )
 
 VOCAB = 65  # Tiny Shakespeare's characters
@@ -56,12 +57,16 @@ def random_qkv(b, h, tq, tk, d, dtype, seed=0, sink_scale=1.5):
 # (a) attention with a sink
 
 
+SINK_PATHS = [attention_with_sink, sink_attention_scores]  # the fused extra key, and the compiled CPU runs' path
+
+
+@pytest.mark.parametrize("attend", SINK_PATHS)
 @pytest.mark.parametrize("d", [8, 6, 16])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_attention_with_sink_matches_reference(d, dtype, tol):
+def test_attention_with_sink_matches_reference(attend, d, dtype, tol):
     q, k, v, sink = random_qkv(2, 3, 9, 9, d, dtype)
     assert (sink != 0).all()
-    out = attention_with_sink(q, k, v, sink)
+    out = attend(q, k, v, sink)
     expected, _ = reference_attention(q.double(), k.double(), v.double(), sink.double())
     assert out.shape == q.shape and out.dtype == dtype
     torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
@@ -86,11 +91,12 @@ def test_sink_takes_probability_mass(sink_value):
     torch.testing.assert_close(attention_with_sink(q, k, v, None), torch.ones_like(out), atol=1e-12, rtol=0)
 
 
-def test_attention_with_sink_gradients_match_reference():
+@pytest.mark.parametrize("attend", SINK_PATHS)
+def test_attention_with_sink_gradients_match_reference(attend):
     q, k, v, sink = random_qkv(2, 3, 8, 8, 8, torch.float64, seed=1)
     cotangent = torch.randn(q.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     grads = []
-    for fn in (attention_with_sink, lambda *a: reference_attention(*a)[0]):
+    for fn in (attend, lambda *a: reference_attention(*a)[0]):
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v, sink)]
         (fn(*leaves) * cotangent).sum().backward()
         grads.append([t.grad for t in leaves])
@@ -129,6 +135,24 @@ def test_very_negative_sink_is_no_sink():
     q, k, v, _ = random_qkv(2, 3, 9, 9, 8, torch.float64, seed=5)
     sink = torch.full((3,), -60.0, dtype=torch.float64)
     torch.testing.assert_close(attention_with_sink(q, k, v, sink), attention_with_sink(q, k, v, None))
+
+
+@pytest.mark.compile
+def test_compiled_cpu_attention_takes_the_scores_path(monkeypatch):
+    """Compiled on a CPU, training-shaped attention runs sink_attention_scores (and still matches the reference);
+    eager keeps SDPA's fused path."""
+    import model
+
+    calls = []
+    monkeypatch.setattr(model, "sink_attention_scores", lambda *a: calls.append(1) or sink_attention_scores(*a))
+    q, k, v, sink = random_qkv(2, 3, 9, 9, 8, torch.float32, seed=8)
+    expected, _ = reference_attention(q.double(), k.double(), v.double(), sink.double())
+    torch.testing.assert_close(model.attention_with_sink(q, k, v, sink).double(), expected, atol=1e-5, rtol=1e-5)
+    assert not calls
+    torch._dynamo.reset()
+    out = torch.compile(model.attention_with_sink)(q, k, v, sink)
+    assert calls
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path pads the head dim to a multiple of 8")
