@@ -66,6 +66,11 @@ class Config:
         "add a learned embedding of each (previous token, token) pair; small vocabularies only (char)",
         on_resume=MATCH,
     )
+    value_embeddings: bool = _flag(
+        False,
+        "add a learned per-layer embedding of each token to the attention values (modded-nanogpt's value embeddings)",
+        on_resume=MATCH,
+    )
     init_from: str | None = _flag(
         None,
         "start from pretrained weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face download or cache) or a "
@@ -202,8 +207,11 @@ class Config:
             raise UserError(
                 "rotary positions need an even head size (embedding_dim / num_heads); use --pos_emb learned"
             )
-        if self.smear and self.init_from is not None:  # (--bigram_embedding: refused below for GPT-2's vocabulary)
-            raise UserError("--smear adds weights GPT-2 has not got, and --init_from loads GPT-2's; leave out --smear")
+        for name in ("smear", "value_embeddings"):  # (--bigram_embedding: refused below for GPT-2's vocabulary)
+            if getattr(self, name) and self.init_from is not None:
+                raise UserError(
+                    f"--{name} adds weights GPT-2 has not got, and --init_from loads GPT-2's; leave out --{name}"
+                )
         if self.bigram_embedding and self.tokenizer in VOCAB_ESTIMATE and self.tokenizer != "char":
             check_bigram_rows(VOCAB_ESTIMATE[self.tokenizer], self.tokenizer)  # (char's count: once the text is read)
         if self.val_frac == 0:
@@ -494,7 +502,7 @@ def _saved_values(values: dict[str, Any]) -> dict[str, Any]:
 
 # MATCH flags newer than the first checkpoints: a config.json without one was written before the flag existed, by the
 # model its default makes (the default is today's model), so a reader may take the default (checkpoint.check_config).
-MATCH_ADDED_LATER = ("norm", "bias", "tie_embeddings", "smear", "bigram_embedding")
+MATCH_ADDED_LATER = ("norm", "bias", "tie_embeddings", "smear", "bigram_embedding", "value_embeddings")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -180,9 +180,10 @@ def export(checkpoint: str | Path, out: str | Path, weights: str | None = None) 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not empty; pass a new folder")
     model, tokenizer_dict, _ = load_checkpoint(checkpoint, "cpu", weights)
-    if looks_back := [f"--{name}" for name in ("smear", "bigram_embedding") if getattr(model.cfg, name)]:
+    added = ("smear", "bigram_embedding", "value_embeddings")
+    if unwritable := [f"--{name}" for name in added if getattr(model.cfg, name)]:
         # hf/modeling_pair.py does not have them yet: an export without them would be another model
-        raise UserError(f"{checkpoint} was trained with {' and '.join(looks_back)}, which export.py cannot write yet")
+        raise UserError(f"{checkpoint} was trained with {' and '.join(unwritable)}, which export.py cannot write yet")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:

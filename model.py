@@ -130,10 +130,18 @@ class Attention(nn.Module):
         self.rotary = cfg.pos_emb == "rope"
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, layer: int
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        layer: int,
+        value_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if value_emb is not None:  # --value_embeddings: this layer's embedding of each token joins its value
+            v = v + value_emb.view(b, t, self.num_heads, self.head_dim).transpose(1, 2).type_as(v)
         q, k = q.float(), k.float()  # norms and rotations in fp32 (under autocast qkv comes out in bf16)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -169,9 +177,15 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, layer: int
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        layer: int,
+        value_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, layer))
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, layer, value_emb))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -202,6 +216,15 @@ def bigram_embedding(cfg: Config, vocab_size: int) -> nn.Embedding:
     return nn.Embedding.from_pretrained(torch.zeros(bigram_rows(vocab_size), cfg.embedding_dim), freeze=False)
 
 
+def value_embeddings(cfg: Config, vocab_size: int) -> nn.ModuleList:
+    """modded-nanogpt's value embeddings: each layer's own table of the tokens, added to its attention values, so a
+    head can carry a token's identity forward without it being read out of the residual stream. Zeros, no draws."""
+    return nn.ModuleList(
+        nn.Embedding.from_pretrained(torch.zeros(vocab_size, cfg.embedding_dim), freeze=False)
+        for _ in range(cfg.num_blocks)
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The model
 
@@ -215,6 +238,7 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(cfg.context_len, cfg.embedding_dim) if cfg.pos_emb == "learned" else None
         self.smear = Smear(cfg.embedding_dim) if cfg.smear else None
         self.bigram_emb = bigram_embedding(cfg, vocab_size) if cfg.bigram_embedding else None
+        self.value_embs = value_embeddings(cfg, self.padded_vocab) if cfg.value_embeddings else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_blocks))
         self.final_norm = make_norm(cfg, cfg.embedding_dim)
@@ -232,7 +256,7 @@ class GPT(nn.Module):
         into the residual stream (each block starts as the identity) and for the head (first loss = log(vocab)).
         Biases start at zero; a tied token table is the head too, so it gets the head's fan-in scale, not zero.
         The look-back (smear, bigram table) starts at zero: a no-op."""
-        zero = ("lm_head.", "smear.", "bigram_emb.")  # the head, and the look-back (a no-op at first)
+        zero = ("lm_head.", "smear.", "bigram_emb.", "value_embs.")  # the head, and the added tables: no-ops at first
         for name, p in self.named_parameters():
             if name.endswith(("proj.weight", ".sink", ".bias")) or name.startswith(zero):
                 nn.init.zeros_(p)
@@ -267,7 +291,7 @@ class GPT(nn.Module):
         x = self.dropout(x)
         cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
         for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, layer)
+            x = block(x, cos, sin, cache, layer, self.value_embs[layer](idx) if self.value_embs is not None else None)
         if cache is not None:
             cache.length += t
             cache.last_ids = idx[:, -1:]
@@ -295,7 +319,7 @@ class GPT(nn.Module):
     def num_params(self) -> dict[str, int]:
         """Parameter counts: total, embeddings (token, learned positions, bigrams), and the rest (head included)."""
         total = sum(p.numel() for p in self.parameters())
-        tables = (self.token_emb, self.pos_emb, self.bigram_emb)
+        tables = (self.token_emb, self.pos_emb, self.bigram_emb, *(self.value_embs or ()))
         embedding = sum(table.weight.numel() for table in tables if table is not None)
         return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 

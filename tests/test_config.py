@@ -444,15 +444,17 @@ def test_a_checkpoint_from_before_the_gpt2_flags_still_loads(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The data-limited techniques (issue 14): --smear, --bigram_embedding, --muon_ns_coeffs; each off by default
+# The data-limited techniques (issue 14): --smear, --bigram_embedding, --value_embeddings, --muon_ns_coeffs; each off
+# by default
 
 
 def test_the_techniques_are_off_by_default_and_their_resume_rules():
     for cfg in (Config(), parse_args([]), *(parse_args(["--preset", name]) for name in PRESETS)):
-        assert (cfg.smear, cfg.bigram_embedding, cfg.muon_ns_coeffs) == (False, False, "quintic")
-    assert FIELDS["smear"].metadata["on_resume"] == config.MATCH  # they add weights
-    assert FIELDS["bigram_embedding"].metadata["on_resume"] == config.MATCH
-    assert {"smear", "bigram_embedding"} <= set(config.MATCH_ADDED_LATER)  # absent from older checkpoints: off
+        assert (cfg.smear, cfg.bigram_embedding, cfg.value_embeddings) == (False, False, False)
+        assert cfg.muon_ns_coeffs == "quintic"
+    added = {"smear", "bigram_embedding", "value_embeddings"}
+    assert all(FIELDS[name].metadata["on_resume"] == config.MATCH for name in added)  # they add weights
+    assert added <= set(config.MATCH_ADDED_LATER)  # absent from older checkpoints: off
     assert FIELDS["muon_ns_coeffs"].metadata["on_resume"] == config.NOTICE  # the same weights, other dynamics
     cfg = parse_args(
         ["--smear", "True", "--bigram_embedding=1", "--tokenizer", "char", "--muon_ns_coeffs", "polar_express"]
@@ -468,8 +470,9 @@ def test_a_bigram_table_of_a_large_vocabulary_is_one_line(tokenizer):
     assert parse_args(["--bigram_embedding", "False", "--tokenizer", tokenizer]).bigram_embedding is False
 
 
-def test_the_look_back_cannot_start_from_gpt2():
+def test_the_added_weights_cannot_start_from_gpt2():
     assert "leave out --smear" in _one_line_error(["--init_from", "gpt2", "--smear", "True"])
+    assert "leave out --value_embeddings" in _one_line_error(["--init_from", "gpt2", "--value_embeddings", "True"])
     message = _one_line_error(["--init_from", "gpt2", "--bigram_embedding=1"])
     assert "--bigram_embedding needs a small vocabulary" in message
 

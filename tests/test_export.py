@@ -272,9 +272,9 @@ def test_bad_export_is_one_line_and_exit_2(tmp_path, capsys):
     assert export.main(["--checkpoint", str(run), "--out", str(tmp_path / "empty")]) == 0  # an empty folder is fine
 
 
-@pytest.mark.parametrize("flag", ["smear", "bigram_embedding"])
-def test_a_look_back_checkpoint_is_refused_not_exported_wrong(tmp_path, capsys, flag):
-    """hf/ has no smear or bigram table yet: exporting without them would silently be another model."""
+@pytest.mark.parametrize("flag", ["smear", "bigram_embedding", "value_embeddings"])
+def test_an_added_technique_is_refused_not_exported_wrong(tmp_path, capsys, flag):
+    """hf/ has no smear, bigram or value tables yet: exporting without them would silently be another model."""
     _, run = saved_checkpoint(tmp_path, "char", **{flag: True})
     assert export.main(["--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err

@@ -1,6 +1,7 @@
-"""The look-back techniques of model.py (issue 14), each flag on its own and both together: --smear and
---bigram_embedding. Each must keep the model causal, give the same logits with and without the KV cache, start as a
-no-op, train, and leave the default model exactly as it was. (--muon_ns_coeffs: test_optimizer.py.)"""
+"""The techniques of model.py that add weights (issue 14), each flag on its own and all together: the look-back
+(--smear, --bigram_embedding) and --value_embeddings. Each must keep the model causal, give the same logits with and
+without the KV cache, start as a no-op, train, and leave the default model exactly as it was. (--muon_ns_coeffs:
+test_optimizer.py.)"""
 
 from __future__ import annotations
 
@@ -18,12 +19,15 @@ VOCAB = 65  # Tiny Shakespeare's characters
 FLAGS = {  # a name for the test ids: the flags it sets
     "smear": dict(smear=True),
     "bigram": dict(bigram_embedding=True),
-    "both": dict(smear=True, bigram_embedding=True),
+    "value": dict(value_embeddings=True),
+    "all": dict(smear=True, bigram_embedding=True, value_embeddings=True),
 }
 ADDED = {  # flag: the tensors it adds to the state dict, with their shapes (tiny_config: 32 dim)
     "smear": {"smear.gate": (12,), "smear.scale": (1,)},
     "bigram_embedding": {"bigram_emb.weight": ((VOCAB + 1) * VOCAB, 32)},
+    "value_embeddings": {f"value_embs.{layer}.weight": (128, 32) for layer in range(2)},  # padded vocab, 2 blocks
 }
+ADDED_PREFIXES = ("smear.", "bigram_emb.", "value_embs.")
 
 
 def model_with(flags: str, seed: int = 1, **overrides) -> GPT:
@@ -59,6 +63,20 @@ def test_bigram_rows_are_previous_id_then_id_with_a_row_per_id_for_none():
     with torch.no_grad():
         torch.testing.assert_close(model.look_back(model.token_emb(idx), idx, None), expected)
     assert bigram_rows(VOCAB) == model.bigram_emb.num_embeddings == 66 * 65
+
+
+def test_a_value_embedding_joins_the_value_like_the_qkv_bias_does():
+    """Rows all equal to c add c to every token's value: exactly what c in the value part of qkv's bias does."""
+    plain = randomize(GPT(tiny_config(bias=True), VOCAB), seed=4).eval()
+    model = GPT(tiny_config(bias=True, value_embeddings=True), VOCAB).eval()
+    model.load_state_dict(plain.state_dict(), strict=False)
+    c = torch.randn(2, 32, generator=torch.Generator().manual_seed(5))  # one vector per layer
+    with torch.no_grad():
+        for layer, block in enumerate(plain.blocks):
+            model.value_embs[layer].weight.copy_(c[layer].expand(128, 32))
+            block.attn.qkv.bias[64:] += c[layer]  # qkv's output is (q, k, v), each (heads x head_dim)
+        idx = random_ids((2, 16))
+        torch.testing.assert_close(model(idx), plain(idx), atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,7 +116,7 @@ def test_kv_cache_matches_full_forward(flags, prefill):
 @pytest.mark.parametrize("prompt_len", [0, 1, 5, 23])
 def test_greedy_generation_same_with_and_without_cache(flags, prompt_len):
     """45 new tokens run past context_len 16 several times: each restarted window has no previous token either way."""
-    model = model_with(flags, seed=3)
+    model = model_with(flags, seed=6)
     prompt = random_ids((prompt_len,), seed=prompt_len).tolist()
     cached = list(generate(model, prompt, 45, temperature=0, use_cache=True))
     uncached = list(generate(model, prompt, 45, temperature=0, use_cache=False))
@@ -116,7 +134,7 @@ def test_each_flag_adds_only_its_tensors(flags):
     added = {n: s for flag in FLAGS[flags] for n, s in ADDED[flag].items()}
     shapes = {n: tuple(p.shape) for n, p in GPT(tiny_config(FLAGS[flags]), VOCAB).state_dict().items()}
     assert shapes == default | added
-    assert not any(n.startswith(("smear.", "bigram_emb.")) for n in default)
+    assert not any(n.startswith(ADDED_PREFIXES) for n in default)
 
 
 @pytest.mark.parametrize("flags", list(FLAGS))
@@ -130,7 +148,7 @@ def test_a_fresh_model_starts_as_the_default_one(flags):
     weights = model.state_dict()
     for name, tensor in default.state_dict().items():
         assert torch.equal(weights.pop(name), tensor), name
-    assert weights and all(t.eq(0).all() for t in weights.values())  # what is left: the look-back, all zeros
+    assert weights and all(t.eq(0).all() for t in weights.values())  # what is left: the added tensors, all zeros
     idx, targets = random_ids((2, 16)), random_ids((2, 16), seed=1)
     with torch.no_grad():
         assert torch.equal(model(idx), default(idx))
@@ -138,11 +156,11 @@ def test_a_fresh_model_starts_as_the_default_one(flags):
 
 
 @pytest.mark.parametrize("flags", list(FLAGS))
-def test_zeroed_look_back_gives_the_default_models_logits_exactly(flags):
+def test_zeroed_added_weights_give_the_default_models_logits_exactly(flags):
     default = randomize(GPT(tiny_config(), VOCAB), seed=2).eval()
     model = GPT(tiny_config(FLAGS[flags]), VOCAB).eval()
     missing, unexpected = model.load_state_dict(default.state_dict(), strict=False)
-    assert not unexpected and all(n.startswith(("smear.", "bigram_emb.")) for n in missing)
+    assert not unexpected and all(n.startswith(ADDED_PREFIXES) for n in missing)
     with torch.no_grad():
         for name in missing:
             model.get_parameter(name).zero_()
@@ -152,20 +170,20 @@ def test_zeroed_look_back_gives_the_default_models_logits_exactly(flags):
 
 def test_the_default_model_never_looks_back(monkeypatch):
     model = randomize(GPT(tiny_config(), VOCAB))
-    assert model.smear is None and model.bigram_emb is None
+    assert model.smear is None and model.bigram_emb is None and model.value_embs is None
     monkeypatch.setattr(GPT, "look_back", lambda *args: pytest.fail("look_back ran with both flags off"))
     model(random_ids((2, 16)))
 
 
-def test_the_bigram_table_counts_as_an_embedding():
-    counts = GPT(tiny_config(bigram_embedding=True), VOCAB).num_params()
+def test_the_added_tables_count_as_embeddings():
+    counts = GPT(tiny_config(bigram_embedding=True, value_embeddings=True), VOCAB).num_params()
     plain = GPT(tiny_config(), VOCAB).num_params()
-    assert counts["embedding"] == plain["embedding"] + 66 * 65 * 32
+    assert counts["embedding"] == plain["embedding"] + 66 * 65 * 32 + 2 * 128 * 32
     assert counts["non_embedding"] == plain["non_embedding"]
 
 
 @pytest.mark.parametrize("flags", list(FLAGS))
-def test_a_checkpoint_keeps_the_flags_and_the_look_back(flags, tmp_path):
+def test_a_checkpoint_keeps_the_flags_and_the_added_weights(flags, tmp_path):
     from checkpoint import load_checkpoint, save_checkpoint
     from tokenizer import CharTokenizer
 
@@ -187,23 +205,24 @@ def test_a_large_vocabulary_is_refused_before_the_table_is_made():
 
 
 @pytest.mark.parametrize("use_muon", [True, False])
-def test_the_look_back_goes_to_adamw_like_the_embeddings(use_muon):
-    cfg = tiny_config(FLAGS["both"], use_muon=use_muon, weight_decay=0.1)
+def test_the_added_weights_go_to_adamw_like_the_embeddings(use_muon):
+    cfg = tiny_config(FLAGS["all"], use_muon=use_muon, weight_decay=0.1)
     model = GPT(cfg, VOCAB)
     optimizers = build_optimizers(model, cfg)
     adamw = optimizers[-1]
     decay, no_decay = ({id(p) for p in group["params"]} for group in adamw.param_groups)
-    assert {id(model.bigram_emb.weight), id(model.token_emb.weight)} <= decay  # tables: as the token embedding's
+    tables = (model.bigram_emb, *model.value_embs, model.token_emb)
+    assert {id(table.weight) for table in tables} <= decay  # tables: as the token embedding's
     assert {id(model.smear.gate), id(model.smear.scale)} <= no_decay  # vectors: as norms and sinks
     if use_muon:
         assert isinstance(optimizers[0], Muon)
         muon = {id(p) for group in optimizers[0].param_groups for p in group["params"]}
-        assert not muon & {id(p) for p in (*model.smear.parameters(), model.bigram_emb.weight)}
+        assert not muon & {id(p) for p in (*model.smear.parameters(), *(table.weight for table in tables))}
 
 
 @pytest.mark.parametrize("flags", list(FLAGS))
 def test_each_flag_trains(flags):
-    """A target that depends on the previous token and this one: the loss falls, and the look-back learns."""
+    """A target that depends on the previous token and this one: the loss falls, and the added weights learn."""
     cfg = tiny_config(FLAGS[flags], lr=3e-3)
     torch.manual_seed(0)
     model = GPT(cfg, VOCAB)
@@ -213,5 +232,5 @@ def test_each_flag_trains(flags):
     losses = train_losses(model, optimizers, x, y, 30)
     assert all(math.isfinite(loss) for loss in losses)
     assert losses[-1] < 0.7 * losses[0]
-    looked_back = [p for n, p in model.named_parameters() if n.startswith(("smear.", "bigram_emb."))]
-    assert looked_back and all(p.abs().sum() > 0 for p in looked_back)
+    added = [p for n, p in model.named_parameters() if n.startswith(ADDED_PREFIXES)]
+    assert added and all(p.abs().sum() > 0 for p in added)
