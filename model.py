@@ -1,7 +1,7 @@
 """The transformer: token ids in, logits (or, given targets, the loss) out.
 
 Read top to bottom: attention (with the learned attention sink), MLP, block, the optional one-token look-back
-(--smear, --bigram_embedding), the GPT itself, then the KV cache and `generate` for sampling. This file knows
+(--smear, --bigram_embedding) and value tables (--value_embeddings), the GPT itself, then the KV cache and `generate` for sampling. This file knows
 nothing of data, optimizers or logging.
 """
 
@@ -255,7 +255,7 @@ class GPT(nn.Module):
         """Unit-variance activations at any depth: fan-in init for input matrices, zero for every matrix that writes
         into the residual stream (each block starts as the identity) and for the head (first loss = log(vocab)).
         Biases start at zero; a tied token table is the head too, so it gets the head's fan-in scale, not zero.
-        The look-back (smear, bigram table) starts at zero: a no-op."""
+        The look-back (smear, bigram table) and the value tables start at zero: no-ops."""
         zero = ("lm_head.", "smear.", "bigram_emb.", "value_embs.")  # the head, and the added tables: no-ops at first
         for name, p in self.named_parameters():
             if name.endswith(("proj.weight", ".sink", ".bias")) or name.startswith(zero):
@@ -317,7 +317,8 @@ class GPT(nn.Module):
         return x
 
     def num_params(self) -> dict[str, int]:
-        """Parameter counts: total, embeddings (token, learned positions, bigrams), and the rest (head included)."""
+        """Parameter counts: total, embeddings (token, learned positions, bigrams, value tables), and the rest (head
+        included)."""
         total = sum(p.numel() for p in self.parameters())
         tables = (self.token_emb, self.pos_emb, self.bigram_emb, *(self.value_embs or ()))
         embedding = sum(table.weight.numel() for table in tables if table is not None)
