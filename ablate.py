@@ -11,7 +11,7 @@ Ctrl-C or a crash and it continues: finished runs are skipped, an unfinished one
 
 At the end: <out>/results.json (per arm: every seed's final val loss and bits per byte, mean, standard deviation,
 95% interval, the difference to the base with its interval and Welch t-test p-value, tok/s, training time), a table
-and <out>/val_loss.png. The statistics are plain Python here (no scipy at run time). See docs/ablations.md.
+(printed, and as Markdown in <out>/results.md) and <out>/val_loss.png. The statistics are plain Python here (no scipy at run time). See docs/ablations.md.
 """
 
 from __future__ import annotations
@@ -335,28 +335,35 @@ def _number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def arm_cells(arm: dict[str, Any]) -> dict[str, str]:
+    """An arm of results.json as text, one entry per column of the console table and results.md."""
+    loss, bpb = arm["val_loss"], arm["val_bpb"]
+    interval = loss["ci95"]
+    return {
+        "seeds": str(loss["n"]),
+        "final val losses": ", ".join(f"{value:.4f}" for value in loss["values"]),
+        "val loss mean ± std": f"{loss['mean']:.4f} ± {_number(loss['std'], '.4f')}",
+        "95% interval": "-" if interval is None else f"[{interval[0]:.4f}, {interval[1]:.4f}]",
+        "diff to base": _number(loss.get("diff"), "+.4f"),
+        "p (Welch)": _number(loss.get("p_value"), ".2g"),
+        "val bpb": "-" if bpb is None else f"{bpb['mean']:.4f}",
+        "tok/s": "-" if arm["tok_per_s"] is None else f"{arm['tok_per_s']['mean']:,.0f}",
+        "train time": "-" if arm["train_s"] is None else f"{arm['train_s']['mean']:.2f}s",
+    }
+
+
+def _footer(summary: dict[str, Any]) -> list[str]:
+    notes = sorted({arm["val_loss"].get("note") for arm in summary["arms"].values()} - {None})
+    lines = [f"base: {summary['base']}; p: Welch's two-sided t-test against the base's final val losses"]
+    return lines + [f"note: {note}" for note in notes]
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """One row per arm: final val loss mean ± std, its 95% interval, difference to the base and p-value, bits per
     byte, tok/s and training time (means over seeds)."""
     header = ["arm", "seeds", "val loss mean ± std", "95% interval", "diff to base", "p (Welch)", "val bpb"]
     header += ["tok/s", "train time"]
-    rows = []
-    for name, arm in summary["arms"].items():
-        loss, bpb = arm["val_loss"], arm["val_bpb"]
-        interval = loss["ci95"]
-        rows.append(
-            [
-                name,
-                str(loss["n"]),
-                f"{loss['mean']:.4f} ± {_number(loss['std'], '.4f')}",
-                "-" if interval is None else f"[{interval[0]:.4f}, {interval[1]:.4f}]",
-                _number(loss.get("diff"), "+.4f"),
-                _number(loss.get("p_value"), ".2g"),
-                "-" if bpb is None else f"{bpb['mean']:.4f}",
-                "-" if arm["tok_per_s"] is None else f"{arm['tok_per_s']['mean']:,.0f}",
-                "-" if arm["train_s"] is None else f"{arm['train_s']['mean']:.2f}s",
-            ]
-        )
+    rows = [[name, *(arm_cells(arm)[column] for column in header[1:])] for name, arm in summary["arms"].items()]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:  # the arm's name left-aligned, the numbers right-aligned
@@ -364,10 +371,19 @@ def format_table(summary: dict[str, Any]) -> str:
             c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )
 
-    notes = sorted({arm["val_loss"].get("note") for arm in summary["arms"].values()} - {None})
-    footer = [f"base: {summary['base']}; p: Welch's two-sided t-test against the base's final val losses"]
-    lines = [line(header), "  ".join("-" * w for w in widths), *map(line, rows), *footer]
-    return "\n".join([*lines, *(f"note: {note}" for note in notes)])
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows), *_footer(summary)])
+
+
+def format_markdown(summary: dict[str, Any]) -> str:
+    """results.md: the table as Markdown, with each arm's flags and every seed's final val loss, to paste into notes."""
+    header = ["arm", "flags", "final val losses", "val loss mean ± std", "95% interval", "diff to base", "p (Welch)"]
+    header += ["tok/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for name, arm in summary["arms"].items():
+        cells = arm_cells(arm) | {"arm": name, "flags": f"`{arm['flags']}`" if arm["flags"] else "-"}
+        lines.append("| " + " | ".join(cells[column].replace("|", "\\|") for column in header) + " |")
+    command = f"`{summary['command']}`".replace("|", "\\|")
+    return "\n".join([*lines, "", f"{command}; " + "; ".join(_footer(summary)), ""])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -408,11 +424,12 @@ def main(argv: list[str] | None = None, runner: Runner = run_process) -> int:
             }
             summary = results(arms, runs, args.seeds, ["ablate.py", *argv])
             atomic_write(out / "results.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
+            atomic_write(out / "results.md", format_markdown(summary))
             picture = plot.plot_arms(
                 runs, out / "val_loss.png", f"{out.resolve().name}: val loss, {args.seeds} seeds per arm"
             )
         print(format_table(summary))
-        print(f"wrote {out / 'results.json'} and {picture}")
+        print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {picture}")
     except (UserError, plot.PlotError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

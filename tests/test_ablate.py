@@ -426,6 +426,13 @@ def test_results_json_holds_every_seed_and_the_statistics(tmp_path, capsys):
     assert row[7:9] == [f"{loss['diff']:+.4f}", f"{loss['p_value']:.2g}"]
     assert table[start + 4].startswith("base: base; p: Welch's two-sided t-test")
 
+    markdown = (out / "results.md").read_text().splitlines()  # the same numbers, with flags and every seed
+    assert markdown[0].startswith("| arm | flags | final val losses |") and markdown[1].startswith("| --- |")
+    cells = [cell.strip() for cell in markdown[3].strip("|").split("|")]
+    assert cells[:3] == ["nosink", "`--max_steps 4 --attn_sink False`", ", ".join(f"{v:.4f}" for v in nosink)]
+    assert cells[5:7] == [f"{loss['diff']:+.4f}", f"{loss['p_value']:.2g}"]
+    assert len(markdown) == 6 and markdown[5].startswith(f"`{summary['command']}`; base: base")
+
 
 def test_one_seed_and_a_missing_bits_per_byte_are_null_with_a_note(tmp_path, capsys):
     out = tmp_path / "abl"
@@ -493,7 +500,7 @@ def test_a_tiny_ablation_end_to_end(tmp_path):
     assert (out / "val_loss.png").read_bytes().startswith(PNG_SIGNATURE)
     rows = [line.split()[:2] for line in result.stdout.splitlines() if line.startswith(("base ", "nosink "))]
     assert rows == [["base", "2"], ["nosink", "2"]]
-    assert result.stdout.endswith(f"wrote {out / 'results.json'} and {out / 'val_loss.png'}\n")
+    assert result.stdout.endswith(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'val_loss.png'}\n")
 
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.count("finished earlier") == 4
