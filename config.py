@@ -71,6 +71,12 @@ class Config:
         "add a learned per-layer embedding of each token to the attention values (modded-nanogpt's value embeddings)",
         on_resume=MATCH,
     )
+    mtp_weight: float = _flag(
+        0.0,
+        "multi-token prediction: a second head learns the token after next, its loss added with this weight to the "
+        "training loss (0 = off); evaluation, sampling and export use the next-token head alone",
+        on_resume=MATCH,
+    )
     init_from: str | None = _flag(
         None,
         "start from pretrained weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face download or cache) or a "
@@ -277,6 +283,7 @@ _POSITIVE = "a positive number no larger than 1e30"  # (a larger lr overflows th
 FLOAT_RANGES: dict[str, FloatRange] = {
     "logit_softcap": FloatRange(0.0, 1e30, "0 (no cap) or a positive number no larger than 1e30"),
     "dropout": FloatRange(0.0, 0.99, "between 0.0 and 0.99"),
+    "mtp_weight": FloatRange(0.0, 100.0, "0 (off) or a positive weight no larger than 100"),
     "lr": FloatRange(0.0, 1e30, _POSITIVE, above_low=True),
     "muon_lr": FloatRange(0.0, 1e30, _POSITIVE, above_low=True),
     "weight_decay": FloatRange(0.0, 1e30, "0 (none) or a positive number no larger than 1e30"),
@@ -502,7 +509,7 @@ def _saved_values(values: dict[str, Any]) -> dict[str, Any]:
 
 # MATCH flags newer than the first checkpoints: a config.json without one was written before the flag existed, by the
 # model its default makes (the default is today's model), so a reader may take the default (checkpoint.check_config).
-MATCH_ADDED_LATER = ("norm", "bias", "tie_embeddings", "smear", "bigram_embedding", "value_embeddings")
+MATCH_ADDED_LATER = ("norm", "bias", "tie_embeddings", "smear", "bigram_embedding", "value_embeddings", "mtp_weight")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils import skip_init
 
 from config import Config, UserError, bigram_rows, check_bigram_rows
 
@@ -244,6 +245,9 @@ class GPT(nn.Module):
         self.final_norm = make_norm(cfg, cfg.embedding_dim)
         # tied: the head is the token table itself (one tensor, so no second copy in the state dict)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.embedding_dim, self.padded_vocab, bias=False)
+        # --mtp_weight: made without random draws (like the added tables), so the rest starts as without it
+        mtp = cfg.mtp_weight > 0
+        self.mtp_head = skip_init(nn.Linear, cfg.embedding_dim, self.padded_vocab, bias=False) if mtp else None
         cos, sin = rotary_tables(cfg.head_dim, cfg.context_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -256,7 +260,7 @@ class GPT(nn.Module):
         into the residual stream (each block starts as the identity) and for the head (first loss = log(vocab)).
         Biases start at zero; a tied token table is the head too, so it gets the head's fan-in scale, not zero.
         The look-back (smear, bigram table) and the value tables start at zero: no-ops."""
-        zero = ("lm_head.", "smear.", "bigram_emb.", "value_embs.")  # the head, and the added tables: no-ops at first
+        zero = ("lm_head.", "mtp_head.", "smear.", "bigram_emb.", "value_embs.")  # heads, and the added tables
         for name, p in self.named_parameters():
             if name.endswith(("proj.weight", ".sink", ".bias")) or name.startswith(zero):
                 nn.init.zeros_(p)
@@ -278,7 +282,8 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, padded_vocab); padded ids get -inf so they are never predicted.
         With targets (B, T): the next-token cross-entropy instead, in fp32, "mean" or "sum" over the targets;
-        targets of -1 are ignored (the final evaluation masks the overlap of its last window with them)."""
+        targets of -1 are ignored (the final evaluation masks the overlap of its last window with them). In training
+        mode with --mtp_weight the loss adds that weight times the second head's loss on the token after next."""
         b, t = idx.shape
         start = cache.length if cache is not None else 0
         if start + t > self.cfg.context_len:
@@ -296,13 +301,25 @@ class GPT(nn.Module):
             cache.length += t
             cache.last_ids = idx[:, -1:]
         x = self.final_norm(x)
-        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.token_emb.weight)
-        if self.cfg.logit_softcap:
-            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
-        logits = logits.masked_fill(self.vocab_mask, float("-inf"))
+        logits = self.head_logits(x, self.lm_head)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
+        if self.mtp_head is None or not self.training:
+            return loss
+        # --mtp_weight: a second head predicts the token after next (none known at the last position: -1)
+        after_next = torch.cat((targets[:, 1:], targets.new_full((b, 1), -1)), dim=1)
+        mtp_logits = self.head_logits(x, self.mtp_head).float().flatten(0, 1)
+        return loss + self.cfg.mtp_weight * F.cross_entropy(
+            mtp_logits, after_next.flatten(), ignore_index=-1, reduction=reduction
+        )
+
+    def head_logits(self, x: torch.Tensor, head: nn.Linear | None) -> torch.Tensor:
+        """A head's logits of the final hidden states x (None: the tied token table), softcapped, padded ids -inf."""
+        logits = head(x) if head is not None else F.linear(x, self.token_emb.weight)
+        if self.cfg.logit_softcap:
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        return logits.masked_fill(self.vocab_mask, float("-inf"))
 
     def look_back(self, x: torch.Tensor, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """The token embeddings x of idx with --smear and --bigram_embedding applied. Each needs the id before every

@@ -450,9 +450,9 @@ def test_a_checkpoint_from_before_the_gpt2_flags_still_loads(tmp_path):
 
 def test_the_techniques_are_off_by_default_and_their_resume_rules():
     for cfg in (Config(), parse_args([]), *(parse_args(["--preset", name]) for name in PRESETS)):
-        assert (cfg.smear, cfg.bigram_embedding, cfg.value_embeddings) == (False, False, False)
+        assert (cfg.smear, cfg.bigram_embedding, cfg.value_embeddings, cfg.mtp_weight) == (False, False, False, 0.0)
         assert cfg.muon_ns_coeffs == "quintic"
-    added = {"smear", "bigram_embedding", "value_embeddings"}
+    added = {"smear", "bigram_embedding", "value_embeddings", "mtp_weight"}
     assert all(FIELDS[name].metadata["on_resume"] == config.MATCH for name in added)  # they add weights
     assert added <= set(config.MATCH_ADDED_LATER)  # absent from older checkpoints: off
     assert FIELDS["muon_ns_coeffs"].metadata["on_resume"] == config.NOTICE  # the same weights, other dynamics
@@ -468,6 +468,13 @@ def test_a_bigram_table_of_a_large_vocabulary_is_one_line(tokenizer):
     assert f"--bigram_embedding needs a small vocabulary: {tokenizer}'s" in message
     assert "use --tokenizer char or --bigram_embedding False" in message
     assert parse_args(["--bigram_embedding", "False", "--tokenizer", tokenizer]).bigram_embedding is False
+
+
+def test_a_negative_mtp_weight_is_one_line():
+    assert "--mtp_weight must be 0 (off) or a positive weight no larger than 100" in _one_line_error(
+        ["--mtp_weight", "-0.5"]
+    )
+    assert parse_args(["--mtp_weight", "0.3"]).mtp_weight == 0.3
 
 
 def test_the_added_weights_cannot_start_from_gpt2():

@@ -203,8 +203,11 @@ OTHERS = dict(pos_emb="learned", norm="layernorm", bias=True, tie_embeddings=Tru
         ("char", {}, True),
         ("char", {**OTHERS, "qk_norm": False, "attn_sink": False}, True),
         ("o200k_base", {"attn_sink": False}, True),
+        ("char", {**GPT2_STYLE, "mtp_weight": 0.5}, False),  # the training-only second head is left out
+        ("char", {"mtp_weight": 0.5}, True),
     ],
-    ids=["gpt2-gpt2", "gpt2-char", "gpt2-untied-char", "pair-gpt2", "pair-char", "pair-others-char", "pair-o200k"],
+    ids=["gpt2-gpt2", "gpt2-char", "gpt2-untied-char", "pair-gpt2", "pair-char", "pair-others-char", "pair-o200k"]
+    + ["gpt2-mtp-char", "pair-mtp-char"],
 )
 def test_export_loads_in_transformers_with_the_same_logits_generation_and_tokens(
     transformers, tmp_path, capsys, tokenizer, flags, custom

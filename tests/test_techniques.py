@@ -1,5 +1,5 @@
 """The techniques of model.py that add weights (issue 14), each flag on its own and all together: the look-back
-(--smear, --bigram_embedding) and --value_embeddings. Each must keep the model causal, give the same logits with and
+(--smear, --bigram_embedding), --value_embeddings and multi-token prediction (--mtp_weight). Each must keep the model causal, give the same logits with and
 without the KV cache, start as a no-op, train, and leave the default model exactly as it was. (--muon_ns_coeffs:
 test_optimizer.py.)"""
 
@@ -20,14 +20,16 @@ FLAGS = {  # a name for the test ids: the flags it sets
     "smear": dict(smear=True),
     "bigram": dict(bigram_embedding=True),
     "value": dict(value_embeddings=True),
-    "all": dict(smear=True, bigram_embedding=True, value_embeddings=True),
+    "mtp": dict(mtp_weight=0.5),
+    "all": dict(smear=True, bigram_embedding=True, value_embeddings=True, mtp_weight=0.5),
 }
 ADDED = {  # flag: the tensors it adds to the state dict, with their shapes (tiny_config: 32 dim)
     "smear": {"smear.gate": (12,), "smear.scale": (1,)},
     "bigram_embedding": {"bigram_emb.weight": ((VOCAB + 1) * VOCAB, 32)},
     "value_embeddings": {f"value_embs.{layer}.weight": (128, 32) for layer in range(2)},  # padded vocab, 2 blocks
+    "mtp_weight": {"mtp_head.weight": (128, 32)},
 }
-ADDED_PREFIXES = ("smear.", "bigram_emb.", "value_embs.")
+ADDED_PREFIXES = ("smear.", "bigram_emb.", "value_embs.", "mtp_head.")
 
 
 def model_with(flags: str, seed: int = 1, **overrides) -> GPT:
@@ -77,6 +79,28 @@ def test_a_value_embedding_joins_the_value_like_the_qkv_bias_does():
             block.attn.qkv.bias[64:] += c[layer]  # qkv's output is (q, k, v), each (heads x head_dim)
         idx = random_ids((2, 16))
         torch.testing.assert_close(model(idx), plain(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_the_mtp_head_adds_the_loss_on_the_token_after_next_in_training_only():
+    model = model_with("mtp")
+    idx, targets = random_ids((2, 16)), random_ids((2, 16), seed=1)
+    targets[0, 5] = -1  # an ignored target is ignored by both heads
+    hidden = {}
+    model.final_norm.register_forward_hook(lambda module, args, out: hidden.update(out=out))
+
+    def cross_entropy(scores, wanted):  # mean over the positions with a target
+        keep = wanted != -1
+        return torch.nn.functional.cross_entropy(scores[keep], wanted[keep])
+
+    with torch.no_grad():
+        logits = model(idx)
+        mtp_logits = (hidden["out"] @ model.mtp_head.weight.T).masked_fill(model.vocab_mask, float("-inf"))
+        next_token = cross_entropy(logits.flatten(0, 1), targets.flatten())
+        after_next = cross_entropy(mtp_logits[:, :-1].flatten(0, 1), targets[:, 1:].flatten())  # none after the last
+        assert model(idx, targets).item() == pytest.approx(next_token.item(), rel=1e-6)  # eval: the next token only
+        model.train()
+        assert model(idx, targets).item() == pytest.approx((next_token + 0.5 * after_next).item(), rel=1e-5)
+        assert torch.equal(model(idx), logits)  # the logits are the next-token head's in either mode
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,7 +176,8 @@ def test_a_fresh_model_starts_as_the_default_one(flags):
     idx, targets = random_ids((2, 16)), random_ids((2, 16), seed=1)
     with torch.no_grad():
         assert torch.equal(model(idx), default(idx))
-        assert model(idx, targets).item() == pytest.approx(math.log(VOCAB), abs=1e-5)
+        first_loss = (1 + model.cfg.mtp_weight) * math.log(VOCAB)  # training mode: each head's first loss is log V
+        assert model(idx, targets).item() == pytest.approx(first_loss, abs=1e-5)
 
 
 @pytest.mark.parametrize("flags", list(FLAGS))
@@ -170,7 +195,7 @@ def test_zeroed_added_weights_give_the_default_models_logits_exactly(flags):
 
 def test_the_default_model_never_looks_back(monkeypatch):
     model = randomize(GPT(tiny_config(), VOCAB))
-    assert model.smear is None and model.bigram_emb is None and model.value_embs is None
+    assert model.smear is None and model.bigram_emb is None and model.value_embs is None and model.mtp_head is None
     monkeypatch.setattr(GPT, "look_back", lambda *args: pytest.fail("look_back ran with both flags off"))
     model(random_ids((2, 16)))
 
@@ -211,8 +236,8 @@ def test_the_added_weights_go_to_adamw_like_the_embeddings(use_muon):
     optimizers = build_optimizers(model, cfg)
     adamw = optimizers[-1]
     decay, no_decay = ({id(p) for p in group["params"]} for group in adamw.param_groups)
-    tables = (model.bigram_emb, *model.value_embs, model.token_emb)
-    assert {id(table.weight) for table in tables} <= decay  # tables: as the token embedding's
+    tables = (model.bigram_emb, *model.value_embs, model.token_emb, model.mtp_head)
+    assert {id(table.weight) for table in tables} <= decay  # tables and the heads: as the token embedding's
     assert {id(model.smear.gate), id(model.smear.scale)} <= no_decay  # vectors: as norms and sinks
     if use_muon:
         assert isinstance(optimizers[0], Muon)
