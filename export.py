@@ -264,7 +264,8 @@ def write_pair(folder: Path, model: GPT, special: dict[str, int | None]) -> None
     """config.json, model.safetensors (model.py's names, padded rows kept) and the custom code of a PairForCausalLM."""
     for name in ("modeling_pair.py", "configuration_pair.py"):
         shutil.copyfile(HF_CODE / name, folder / name)
-    next_token = {name: t for name, t in model.state_dict().items() if not name.startswith("mtp_head.")}  # (training's)
+    # the --mtp_weight head serves training alone: the exported model is the next-token one
+    next_token = {name: t for name, t in model.state_dict().items() if not name.startswith("mtp_head.")}
     _save_weights(folder / "model.safetensors", next_token)
     _write_json(
         folder / "config.json",
