@@ -11,7 +11,8 @@ Ctrl-C or a crash and it continues: finished runs are skipped, an unfinished one
 
 At the end: <out>/results.json (per arm: every seed's final val loss and bits per byte, mean, standard deviation,
 95% interval, the difference to the base with its interval and Welch t-test p-value, tok/s, training time), a table
-(printed, and as Markdown in <out>/results.md) and <out>/val_loss.png. The statistics are plain Python here (no scipy at run time). See docs/ablations.md.
+(printed, and as Markdown in <out>/results.md) and <out>/val_loss.png. The statistics are plain Python here (no
+scipy at run time). See docs/ablations.md.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The transformer: token ids in, logits (or, given targets, the loss) out.
 
 Read top to bottom: attention (with the learned attention sink), MLP, block, the optional one-token look-back
-(--smear, --bigram_embedding) and value tables (--value_embeddings), the GPT itself, then the KV cache and `generate` for sampling. This file knows
-nothing of data, optimizers or logging.
+(--smear, --bigram_embedding) and value tables (--value_embeddings), the GPT itself, then the KV cache and
+`generate` for sampling. This file knows nothing of data, optimizers or logging.
 """
 
 from __future__ import annotations
@@ -304,15 +304,16 @@ class GPT(nn.Module):
         logits = self.head_logits(x, self.lm_head)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction=reduction)
+
+        def cross_entropy(scores: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(scores.float().flatten(0, 1), wanted.flatten(), ignore_index=-1, reduction=reduction)
+
+        loss = cross_entropy(logits, targets)
         if self.mtp_head is None or not self.training:
             return loss
         # --mtp_weight: a second head predicts the token after next (none known at the last position: -1)
         after_next = torch.cat((targets[:, 1:], targets.new_full((b, 1), -1)), dim=1)
-        mtp_logits = self.head_logits(x, self.mtp_head).float().flatten(0, 1)
-        return loss + self.cfg.mtp_weight * F.cross_entropy(
-            mtp_logits, after_next.flatten(), ignore_index=-1, reduction=reduction
-        )
+        return loss + self.cfg.mtp_weight * cross_entropy(self.head_logits(x, self.mtp_head), after_next)
 
     def head_logits(self, x: torch.Tensor, head: nn.Linear | None) -> torch.Tensor:
         """A head's logits of the final hidden states x (None: the tied token table), softcapped, padded ids -inf."""
