@@ -88,6 +88,12 @@ class Config:
         3e-4, "AdamW learning rate (embeddings, head, norms, sinks; everything with --use_muon False)", on_resume=NOTICE
     )
     muon_lr: float = _flag(0.02, "Muon learning rate for the hidden matrices", on_resume=NOTICE)
+    embedding_lr: float = _flag(
+        0.0,
+        "AdamW learning rate of the input tables (token, position, bigram and value embeddings), without weight "
+        "decay; 0 = they take --lr like the rest",
+        on_resume=MATCH,
+    )
     muon_ns_steps: int = _flag(
         5, "Newton-Schulz iterations per Muon update (fewer are cheaper, rougher)", on_resume=NOTICE
     )
@@ -286,6 +292,7 @@ FLOAT_RANGES: dict[str, FloatRange] = {
     "mtp_weight": FloatRange(0.0, 100.0, "0 (off) or a positive weight no larger than 100"),
     "lr": FloatRange(0.0, 1e30, _POSITIVE, above_low=True),
     "muon_lr": FloatRange(0.0, 1e30, _POSITIVE, above_low=True),
+    "embedding_lr": FloatRange(0.0, 1e30, "0 (off) or a positive number no larger than 1e30"),
     "weight_decay": FloatRange(0.0, 1e30, "0 (none) or a positive number no larger than 1e30"),
     "grad_clip": FloatRange(0.0, 1e30, "0 (no clipping) or a positive number no larger than 1e30"),
     "min_lr_frac": FloatRange(0.0, 1.0, "between 0.0 and 1.0"),
@@ -509,7 +516,16 @@ def _saved_values(values: dict[str, Any]) -> dict[str, Any]:
 
 # MATCH flags newer than the first checkpoints: a config.json without one was written before the flag existed, by the
 # model its default makes (the default is today's model), so a reader may take the default (checkpoint.check_config).
-MATCH_ADDED_LATER = ("norm", "bias", "tie_embeddings", "smear", "bigram_embedding", "value_embeddings", "mtp_weight")
+MATCH_ADDED_LATER = (
+    "norm",
+    "bias",
+    "tie_embeddings",
+    "smear",
+    "bigram_embedding",
+    "value_embeddings",
+    "mtp_weight",
+    "embedding_lr",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -188,21 +188,36 @@ def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
     return p.dim() == 2 and name.startswith("blocks.")
 
 
+def is_input_table(name: str, cfg: Config) -> bool:
+    """The embedding tables that only feed the model (--embedding_lr); a tied token table is the head too, so not it.
+    Adam moves every entry by about lr per step whatever its scale, and these tables start at std 1 where the
+    matrices start near embedding_dim ** -0.5: at --lr they learn ~10x slower (modded-nanogpt gives them ~100x)."""
+    return name.startswith(("pos_emb.", "bigram_emb.", "value_embs.")) or (
+        name == "token_emb.weight" and not cfg.tie_embeddings
+    )
+
+
 def build_optimizers(
     model: nn.Module, cfg: Config, compile: bool = False, rank: int = 0, world_size: int = 1
 ) -> list[torch.optim.Optimizer]:
-    """[Muon, AdamW] with --use_muon, else [AdamW]. Weight decay applies to matrices only, never norms or sinks.
+    """[Muon, AdamW] with --use_muon, else [AdamW]. Weight decay applies to matrices only, never norms or sinks;
+    with --embedding_lr the input tables are a third AdamW group at that learning rate.
     compile: torch.compile Muon's update (train.py passes --torch_compile); rank, world_size: under torchrun, Muon
     shares its Newton-Schulz work between the ranks."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in named if cfg.use_muon and is_hidden_matrix(n, p)]
     hidden_ids = {id(p) for p in hidden}
     rest = [(n, p) for n, p in named if id(p) not in hidden_ids]
-    decay = [p for n, p in rest if p.dim() == 2]
+    tables = [p for n, p in rest if cfg.embedding_lr and is_input_table(n, cfg)]
+    table_ids = {id(p) for p in tables}
+    decay = [p for n, p in rest if p.dim() == 2 and id(p) not in table_ids]
     no_decay = [p for n, p in rest if p.dim() != 2]
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    if tables:  # at ~100x --lr, AdamW's decoupled decay (lr * weight_decay per step) would erase the tables
+        groups.append(dict(params=tables, weight_decay=0.0, lr=cfg.embedding_lr))
     device_type = next(model.parameters()).device.type
     adamw = torch.optim.AdamW(
-        [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)],
+        groups,
         lr=cfg.lr,
         betas=(0.9, 0.95),
         eps=1e-10,

@@ -251,6 +251,41 @@ def test_use_muon_false_gives_adamw_everything():
     assert len(params) == len(list(model.parameters()))
 
 
+@pytest.mark.parametrize("use_muon", [True, False])
+def test_embedding_lr_gives_the_input_tables_their_own_group(use_muon):
+    extras = dict(pos_emb="learned", bigram_embedding=True, value_embeddings=True, weight_decay=0.1)
+    cfg = tiny_config(use_muon=use_muon, embedding_lr=0.3, **extras)
+    model = GPT(cfg, 65)
+    names = {id(p): n for n, p in model.named_parameters()}
+    adamw = build_optimizers(model, cfg)[-1]
+    decay, no_decay, tables = adamw.param_groups
+    table_names = {names[id(p)] for p in tables["params"]}
+    values = {f"value_embs.{i}.weight" for i in range(cfg.num_blocks)}
+    assert table_names == {"token_emb.weight", "pos_emb.weight", "bigram_emb.weight", *values}
+    assert tables["lr"] == tables["initial_lr"] == 0.3 and tables["weight_decay"] == 0.0
+    assert decay["lr"] == cfg.lr and decay["weight_decay"] == 0.1  # the head and the rest keep --lr and the decay
+    assert "lm_head.weight" in {names[id(p)] for p in decay["params"]}
+    assert not table_names & {names[id(p)] for p in decay["params"] + no_decay["params"]}
+    # unset (the default), the layout is the one older checkpoints hold: two groups, the tables decayed at --lr
+    plain = tiny_config(use_muon=use_muon, **extras)
+    assert len(build_optimizers(GPT(plain, 65), plain)[-1].param_groups) == 2
+    # a tied token table is the head too: it keeps the head's learning rate
+    tied = tiny_config(embedding_lr=0.3, tie_embeddings=True)
+    tied_model = GPT(tied, 65)
+    tied_names = {id(p): n for n, p in tied_model.named_parameters()}
+    groups = build_optimizers(tied_model, tied)[-1].param_groups
+    assert "token_emb.weight" in {tied_names[id(p)] for p in groups[0]["params"]}
+    assert len(groups) == 2  # no other table: no third group
+
+
+def test_embedding_lr_follows_the_schedule():
+    cfg = tiny_config(embedding_lr=0.3)
+    optimizers = build_optimizers(GPT(cfg, 65), cfg)
+    set_lr(optimizers, 0.5)
+    assert optimizers[-1].param_groups[2]["lr"] == pytest.approx(0.15)
+    assert optimizers[-1].param_groups[0]["lr"] == pytest.approx(cfg.lr * 0.5)
+
+
 def test_set_lr_scales_from_the_initial_lr():
     cfg = tiny_config()
     optimizers = build_optimizers(GPT(cfg, 65), cfg)

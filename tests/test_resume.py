@@ -118,12 +118,16 @@ def test_signal_stop_then_resume_equals_the_straight_run(straight, tmp_path, mon
     )
 
 
+EMA_RUN = dict(ema_decay=0.5, embedding_lr=0.05)
+
+
 @pytest.fixture(scope="module")
 def straight_ema(straight) -> tuple[Path, dict]:
     """The reference run again with --ema_decay 0.5: its warm-up, min(0.5, (1 + k) / (10 + k)), reaches 0.5 at update
-    8, so the resume at N/2 falls inside the warm-up and the run ends past it."""
+    8, so the resume at N/2 falls inside the warm-up and the run ends past it. With --embedding_lr too: the input
+    tables' own AdamW group must resume exactly as well."""
     tmp = straight[0].parent / "straight_ema"
-    summary = train.train(run_config(tmp, straight[0].parent / "text.txt", RESUME, ema_decay=0.5))
+    summary = train.train(run_config(tmp, straight[0].parent / "text.txt", RESUME, **EMA_RUN))
     return tmp, summary
 
 
@@ -139,7 +143,7 @@ def test_signal_stop_then_resume_with_ema_equals_the_straight_run(straight_ema, 
     reference, reference_summary = straight_ema
     tmp = tmp_path / "run"
     send_signal_at_step(monkeypatch, N // 2, signal.SIGTERM)
-    assert train.main(argv_of(run_config(tmp, reference.parent / "text.txt", RESUME, ema_decay=0.5))) == 143
+    assert train.main(argv_of(run_config(tmp, reference.parent / "text.txt", RESUME, **EMA_RUN))) == 143
     monkeypatch.undo()
     models, expected = tmp / "models" / "r", reference / "models" / "r"
     assert_same_average(models / "step_000006", expected / "step_000006")
