@@ -94,6 +94,7 @@ class Config:
         "decay; 0 = they take --lr like the rest",
         on_resume=MATCH,
     )
+    muon_momentum: float = _flag(0.95, "Muon's Nesterov momentum", on_resume=NOTICE)
     muon_ns_steps: int = _flag(
         5, "Newton-Schulz iterations per Muon update (fewer are cheaper, rougher)", on_resume=NOTICE
     )
@@ -292,6 +293,7 @@ FLOAT_RANGES: dict[str, FloatRange] = {
     "mtp_weight": FloatRange(0.0, 100.0, "0 (off) or a positive weight no larger than 100"),
     "lr": FloatRange(0.0, 1e30, _POSITIVE, above_low=True),
     "muon_lr": FloatRange(0.0, 1e30, _POSITIVE, above_low=True),
+    "muon_momentum": FloatRange(0.0, 0.999, "between 0.0 and 0.999"),
     "embedding_lr": FloatRange(0.0, 1e30, "0 (off) or a positive number no larger than 1e30"),
     "weight_decay": FloatRange(0.0, 1e30, "0 (none) or a positive number no larger than 1e30"),
     "grad_clip": FloatRange(0.0, 1e30, "0 (no clipping) or a positive number no larger than 1e30"),

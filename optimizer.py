@@ -230,6 +230,7 @@ def build_optimizers(
             Muon(
                 hidden,
                 lr=cfg.muon_lr,
+                momentum=cfg.muon_momentum,
                 ns_steps=cfg.muon_ns_steps,
                 ns_coefficients=cfg.muon_ns_coeffs,
                 weight_decay=cfg.weight_decay,

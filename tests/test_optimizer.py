@@ -155,6 +155,20 @@ def test_batched_polar_express_equals_per_matrix(shape):
         torch.testing.assert_close(batched[i], newton_schulz(stack[i], 5, "polar_express"), atol=1e-2, rtol=0)
 
 
+@pytest.mark.parametrize("momentum", [0.9, 0.95])
+def test_muon_takes_its_momentum_from_the_config(momentum):
+    cfg = tiny_config(muon_momentum=momentum)
+    model = GPT(cfg, 65)
+    muon = build_optimizers(model, cfg)[0]
+    assert muon.param_groups[0]["momentum"] == momentum
+    for p in muon.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    muon.step()
+    first = muon.param_groups[0]["params"][0]
+    # from a zero buffer, one step leaves (1 - momentum) x the gradient in it
+    torch.testing.assert_close(muon.state[first]["momentum_buffer"], torch.full_like(first, 1 - momentum))
+
+
 def test_muon_takes_its_coefficients_from_the_config():
     cfg = tiny_config(muon_ns_coeffs="polar_express")
     muon = build_optimizers(GPT(cfg, 65), cfg)[0]
