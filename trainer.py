@@ -125,8 +125,10 @@ def compile_loss(model: torch.nn.Module, compile_it: bool, x: torch.Tensor, y: t
     if not compile_it:
         return model
     print("compiling the model (the first step takes a while) ...", flush=True)
-    if x.device.type == "cpu":  # dropout's masks from eager's random numbers: 18% faster steps at quality-cpu
-        torch._inductor.config.fallback_random = True
+    if x.device.type == "cpu":
+        torch._inductor.config.fallback_random = True  # dropout's masks from eager's generator: 18% faster steps
+        # a seed repeats bit for bit: otherwise inductor's C++ embedding backward adds rows with atomics across threads
+        torch.use_deterministic_algorithms(True, warn_only=True)
     started, compiled = time.perf_counter(), torch.compile(model)
     try:
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):

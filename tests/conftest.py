@@ -75,12 +75,15 @@ def shakespeare_path() -> Path:
 
 @pytest.fixture(autouse=True)
 def _restore_torch_globals():
-    """train.train() sets the float32 matmul precision and seeds; keep one test's globals out of the next."""
+    """train.train() sets the float32 matmul precision, seeds and (compiled on a CPU) deterministic algorithms; keep
+    one test's globals out of the next."""
     precision = torch.get_float32_matmul_precision()
     rng = torch.get_rng_state()
+    deterministic = torch.are_deterministic_algorithms_enabled()
     yield
     torch.set_float32_matmul_precision(precision)
     torch.set_rng_state(rng)
+    torch.use_deterministic_algorithms(deterministic)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -260,6 +260,20 @@ def test_torch_compile_trains_like_eager(tmp_path, capsys, dropout):
 
 
 @pytest.mark.compile
+def test_compiled_cpu_runs_of_one_seed_repeat_bit_for_bit(tmp_path):
+    """Same seed, same weights: without deterministic algorithms, inductor's C++ embedding backward adds its rows with
+    atomics across threads in whatever order the threads arrive (two runs then differ from step ~5 on)."""
+    data_path = write_text(tmp_path / "text.txt", synthetic_text(30_000))
+    runs = [
+        train.train(
+            run_config(tmp_path / str(i), data_path, TRAINING, torch_compile=True, max_steps=10, dtype="float32")
+        )
+        for i in range(2)
+    ]
+    assert runs[0]["final_val_loss"] == runs[1]["final_val_loss"]
+
+
+@pytest.mark.compile
 def test_warm_up_compiles_what_the_first_step_runs(tmp_path, monkeypatch):
     """The warm-up compiles the loss (under the loop's autocast) and Muon's update: the timed steps never compile."""
     from torch._dynamo.utils import counters
