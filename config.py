@@ -685,7 +685,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (3 seeds each, docs/results.md: -0.038 against dropout 0.1 alone, p = 0.001), decay to zero on the clock;
     # ~2500-3800 steps (~5-7 epochs of Tiny Shakespeare) on 2 cores: val 1.418 over 3 seeds (docs/results.md).
     "quality-cpu": _QUALITY_CPU,
-    # The same recipe on steps instead of the clock, so every machine trains the same run (on a CPU bit for bit):
+    # The same recipe on steps instead of the clock, so every machine trains the same run (bit for bit on one CPU):
     # the lowest Tiny Shakespeare val loss measured here, ~10 minutes on 2 CPU cores (docs/results.md).
     "shakespeare-record": {**_QUALITY_CPU, "time_budget_s": None, "max_steps": 3_700},
     # GPT-2 small (124M) on a prepared corpus (--data_path DIR from prepare.py): 16 x 1024 x 32 = 524,288 tokens per
